@@ -1,0 +1,269 @@
+package resilientpg
+
+import (
+	"context"
+	"database/sql/driver"
+	"errors"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/stdlib"
+)
+
+// conn wraps one inner driver.Conn. It implements the whole set of optional
+// interfaces database/sql looks for, and where the inner conn lacks one it
+// does exactly what database/sql would do without it (the fallbacks are
+// copied from database/sql's ctxutil.go), so wrapping never changes
+// behaviour; otelsql's conn.go is the model. Stmt, Rows and Tx are the inner
+// driver's own, returned untouched, so driver-specific interfaces on them
+// (ColumnConverter, ColumnType*, RowsNextResultSet) keep working.
+//
+// Fields without a comment are fixed at connect. The others are guarded by
+// database/sql's driverConn lock, which serialises every call on a conn.
+type conn struct {
+	inner driver.Conn
+	c     *Connector
+	life  lifetime
+
+	// The inner conn's optional interfaces, asserted once.
+	prepCtx   driver.ConnPrepareContext
+	beginTx   driver.ConnBeginTx
+	execCtx   driver.ExecerContext
+	queryCtx  driver.QueryerContext
+	execer    driver.Execer  //lint:ignore SA1019 the legacy fallback database/sql itself still honours
+	queryer   driver.Queryer //lint:ignore SA1019 as above
+	checker   driver.NamedValueChecker
+	pinger    driver.Pinger
+	resetter  driver.SessionResetter
+	validator driver.Validator
+
+	pg   *pgconn.PgConn // non-nil when the inner conn is pgx's *stdlib.Conn
+	sock *sockCheck     // nil when the socket is out of reach
+
+	lastActive time.Time   // last checkout or return; guarded by the driverConn lock
+	bad        atomic.Bool // sticky: the conn must not be reused
+}
+
+// Compile-time proof of the full interface set.
+var (
+	_ driver.Conn               = (*conn)(nil)
+	_ driver.ConnPrepareContext = (*conn)(nil)
+	_ driver.ConnBeginTx        = (*conn)(nil)
+	_ driver.ExecerContext      = (*conn)(nil)
+	_ driver.QueryerContext     = (*conn)(nil)
+	_ driver.NamedValueChecker  = (*conn)(nil)
+	_ driver.Pinger             = (*conn)(nil)
+	_ driver.SessionResetter    = (*conn)(nil)
+	_ driver.Validator          = (*conn)(nil)
+)
+
+func newConn(c *Connector, inner driver.Conn, now time.Time) *conn {
+	w := &conn{inner: inner, c: c, lastActive: now,
+		life: newLifetime(now, c.opts.MaxAge, c.opts.MaxAgeJitter)}
+	w.prepCtx, _ = inner.(driver.ConnPrepareContext)
+	w.beginTx, _ = inner.(driver.ConnBeginTx)
+	w.execCtx, _ = inner.(driver.ExecerContext)
+	w.queryCtx, _ = inner.(driver.QueryerContext)
+	w.execer, _ = inner.(driver.Execer)   //lint:ignore SA1019 see the field
+	w.queryer, _ = inner.(driver.Queryer) //lint:ignore SA1019 see the field
+	w.checker, _ = inner.(driver.NamedValueChecker)
+	w.pinger, _ = inner.(driver.Pinger)
+	w.resetter, _ = inner.(driver.SessionResetter)
+	w.validator, _ = inner.(driver.Validator)
+	if sc, ok := inner.(*stdlib.Conn); ok {
+		w.pg = sc.Conn().PgConn()
+		w.sock = newSockCheck(w.pg.Conn())
+	}
+	return w
+}
+
+// Unwrap returns the inner driver connection; see UnwrapConn.
+func (c *conn) Unwrap() driver.Conn { return c.inner }
+
+// observe marks the conn bad when the inner driver says it is, so IsValid
+// discards it on return even when database/sql does not see ErrBadConn
+// itself (a wrapped or later error). It returns err unchanged: whether to
+// retry is database/sql's decision, made on the driver's own error.
+func (c *conn) observe(err error) error {
+	if errors.Is(err, driver.ErrBadConn) || (c.pg != nil && c.pg.IsClosed()) {
+		c.bad.Store(true)
+	}
+	return err
+}
+
+func (c *conn) Prepare(query string) (driver.Stmt, error) {
+	s, err := c.inner.Prepare(query)
+	if err != nil {
+		return nil, c.observe(err)
+	}
+	return s, nil
+}
+
+// PrepareContext forwards, or does what database/sql's ctxDriverPrepare does.
+func (c *conn) PrepareContext(ctx context.Context, query string) (driver.Stmt, error) {
+	if c.prepCtx != nil {
+		s, err := c.prepCtx.PrepareContext(ctx, query)
+		if err != nil {
+			return nil, c.observe(err)
+		}
+		return s, nil
+	}
+	s, err := c.Prepare(query)
+	if err == nil {
+		select {
+		default:
+		case <-ctx.Done():
+			s.Close()
+			return nil, ctx.Err()
+		}
+	}
+	return s, err
+}
+
+func (c *conn) Close() error { return c.inner.Close() }
+
+// Begin is required by driver.Conn; database/sql calls BeginTx.
+func (c *conn) Begin() (driver.Tx, error) {
+	tx, err := c.inner.Begin() //lint:ignore SA1019 forwarding the required method
+	if err != nil {
+		return nil, c.observe(err)
+	}
+	return tx, nil
+}
+
+// BeginTx forwards, or does what database/sql's ctxDriverBegin does.
+func (c *conn) BeginTx(ctx context.Context, opts driver.TxOptions) (driver.Tx, error) {
+	if c.beginTx != nil {
+		tx, err := c.beginTx.BeginTx(ctx, opts)
+		if err != nil {
+			return nil, c.observe(err)
+		}
+		return tx, nil
+	}
+	// Same checks and messages as database/sql.
+	if opts.Isolation != driver.IsolationLevel(0) {
+		return nil, errors.New("sql: driver does not support non-default isolation level")
+	}
+	if opts.ReadOnly {
+		return nil, errors.New("sql: driver does not support read-only transactions")
+	}
+	tx, err := c.Begin()
+	if err == nil && ctx.Done() != nil {
+		select {
+		default:
+		case <-ctx.Done():
+			tx.Rollback()
+			return nil, ctx.Err()
+		}
+	}
+	return tx, err
+}
+
+// ExecContext forwards, falls back to the legacy Execer as database/sql's
+// ctxDriverExec does, or returns ErrSkip so database/sql prepares instead.
+func (c *conn) ExecContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Result, error) {
+	if c.execCtx != nil {
+		r, err := c.execCtx.ExecContext(ctx, query, args)
+		if err != nil {
+			return nil, c.observe(err)
+		}
+		return r, nil
+	}
+	if c.execer == nil {
+		return nil, driver.ErrSkip
+	}
+	dargs, err := namedValueToValue(args)
+	if err != nil {
+		return nil, err
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	r, err := c.execer.Exec(query, dargs)
+	if err != nil {
+		return nil, c.observe(err)
+	}
+	return r, nil
+}
+
+// QueryContext forwards like ExecContext.
+func (c *conn) QueryContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Rows, error) {
+	if c.queryCtx != nil {
+		r, err := c.queryCtx.QueryContext(ctx, query, args)
+		if err != nil {
+			return nil, c.observe(err)
+		}
+		return r, nil
+	}
+	if c.queryer == nil {
+		return nil, driver.ErrSkip
+	}
+	dargs, err := namedValueToValue(args)
+	if err != nil {
+		return nil, err
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	r, err := c.queryer.Query(query, dargs)
+	if err != nil {
+		return nil, c.observe(err)
+	}
+	return r, nil
+}
+
+// CheckNamedValue forwards, or returns ErrSkip, which sends database/sql on
+// to the statement's ColumnConverter and then its default conversion: the
+// same path it takes when the conn has no NamedValueChecker.
+func (c *conn) CheckNamedValue(nv *driver.NamedValue) error {
+	if c.checker != nil {
+		return c.checker.CheckNamedValue(nv)
+	}
+	return driver.ErrSkip
+}
+
+// Ping forwards; without an inner Pinger database/sql treats a conn it
+// could obtain as alive, so nil is the equivalent.
+func (c *conn) Ping(ctx context.Context) error {
+	if c.pinger == nil {
+		return nil
+	}
+	return c.observe(c.pinger.Ping(ctx))
+}
+
+// namedValueToValue is database/sql's conversion for legacy drivers.
+func namedValueToValue(named []driver.NamedValue) ([]driver.Value, error) {
+	dargs := make([]driver.Value, len(named))
+	for n, param := range named {
+		if len(param.Name) > 0 {
+			return nil, errors.New("sql: driver does not support the use of Named Parameters")
+		}
+		dargs[n] = param.Value
+	}
+	return dargs, nil
+}
+
+// UnwrapConn peels wrappers off a driver connection, as handed to the
+// function given to sql.Conn.Raw, and returns the innermost one. It follows
+// both Unwrap() driver.Conn (this package) and Raw() driver.Conn (otelsql),
+// so it reaches pgx's *stdlib.Conn under any stack of such layers:
+//
+//	err := sqlConn.Raw(func(dc any) error {
+//		pgxConn := resilientpg.UnwrapConn(dc).(*stdlib.Conn).Conn()
+//		_, err := pgxConn.CopyFrom(ctx, pgx.Identifier{"t"}, cols, rows)
+//		return err
+//	})
+func UnwrapConn(dc any) any {
+	for range 64 { // bounded: a wrapper that returns itself must not hang us
+		switch w := dc.(type) {
+		case interface{ Unwrap() driver.Conn }:
+			dc = w.Unwrap()
+		case interface{ Raw() driver.Conn }:
+			dc = w.Raw()
+		default:
+			return dc
+		}
+	}
+	return dc
+}

@@ -1,0 +1,192 @@
+package resilientpg
+
+import (
+	"context"
+	"database/sql"
+	"database/sql/driver"
+	"errors"
+	"fmt"
+	"io"
+	"time"
+
+	"github.com/go-sql-driver/mysql"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/stdlib"
+)
+
+// Connector is a driver.Connector that wraps another and keeps the
+// connections it makes healthy. It is safe for concurrent use; its options
+// are fixed when it is made.
+type Connector struct {
+	inner driver.Connector
+	drv   *Driver
+	opts  Options
+}
+
+var _ driver.Connector = (*Connector)(nil)
+
+// Connect opens an inner connection and wraps it. The connection's own max
+// age deadline is drawn here.
+func (c *Connector) Connect(ctx context.Context) (driver.Conn, error) {
+	inner, err := c.inner.Connect(ctx)
+	if err != nil {
+		// driver.Connector's contract forbids ErrBadConn from Connect:
+		// database/sql would retry on it as if a pooled conn had failed.
+		if errors.Is(err, driver.ErrBadConn) {
+			return nil, fmt.Errorf("resilientpg: connect: %s", err.Error())
+		}
+		return nil, err
+	}
+	return newConn(c, inner, time.Now()), nil
+}
+
+// Driver returns the wrapping driver.
+func (c *Connector) Driver() driver.Driver { return c.drv }
+
+// Close closes the inner connector if it has a Close method; database/sql
+// calls it from DB.Close.
+func (c *Connector) Close() error {
+	if cl, ok := c.inner.(io.Closer); ok {
+		return cl.Close()
+	}
+	return nil
+}
+
+// Options returns the options the connector was made with.
+func (c *Connector) Options() Options { return c.opts }
+
+// NewConnector wraps inner, which is one of:
+//   - a driver.Connector: wrapped as it is;
+//   - a driver.Driver, opened with opts' DSN: pgx's stdlib driver and
+//     go-sql-driver/mysql's are parsed with their own parsers, so resilient_
+//     keys in the DSN are claimed on top of opts (as with sql.Open); any
+//     other driver gets the DSN as it is, and a resilient_ key in it is an
+//     error, since it cannot be stripped from a grammar the wrapper does not
+//     know.
+//
+// The pool-size options are rejected here, because only the owner of the
+// *sql.DB can apply them: use OpenDB for those.
+func NewConnector(inner any, opts Options, dsn ...string) (*Connector, error) {
+	return newConnector(inner, opts, dsn, false)
+}
+
+// OpenDB is NewConnector followed by sql.OpenDB, and it applies
+// Options.MaxOpenConns and Options.MaxIdleConns to the *sql.DB.
+func OpenDB(inner any, opts Options, dsn ...string) (*sql.DB, error) {
+	c, err := newConnector(inner, opts, dsn, true)
+	if err != nil {
+		return nil, err
+	}
+	return openDB(c), nil
+}
+
+// Open is sql.Open for the wrapper's registered drivers ("resilientpg",
+// "resilientmysql"), and it applies the resilient_max_open_conns and
+// resilient_max_idle_conns keys to the *sql.DB.
+func Open(driverName, dsn string) (*sql.DB, error) {
+	var d *Driver
+	switch driverName {
+	case pgDriver.name:
+		d = pgDriver
+	case mysqlDriver.name:
+		d = mysqlDriver
+	default:
+		return nil, fmt.Errorf("resilientpg: Open: unknown driver %q, want %q or %q", driverName, pgDriver.name, mysqlDriver.name)
+	}
+	c, err := d.connector(dsn, DefaultOptions(), true)
+	if err != nil {
+		return nil, err
+	}
+	return openDB(c), nil
+}
+
+func openDB(c *Connector) *sql.DB {
+	db := sql.OpenDB(c)
+	if c.opts.MaxOpenConns != Unset {
+		db.SetMaxOpenConns(c.opts.MaxOpenConns)
+	}
+	if c.opts.MaxIdleConns != Unset {
+		db.SetMaxIdleConns(c.opts.MaxIdleConns)
+	}
+	return db
+}
+
+func newConnector(inner any, opts Options, dsns []string, poolSizing bool) (*Connector, error) {
+	if len(dsns) > 1 {
+		return nil, errors.New("resilientpg: NewConnector: at most one DSN")
+	}
+	dsn := ""
+	if len(dsns) == 1 {
+		dsn = dsns[0]
+	}
+	switch in := inner.(type) {
+	case driver.Connector:
+		if dsn != "" {
+			return nil, errors.New("resilientpg: NewConnector: a DSN goes with a driver.Driver, not a driver.Connector")
+		}
+		if err := checkOptions(&opts, poolSizing); err != nil {
+			return nil, err
+		}
+		return &Connector{inner: in, opts: opts, drv: genericDriver(in.Driver(), opts)}, nil
+	case *stdlib.Driver:
+		return pgDriver.connector(dsn, opts, poolSizing)
+	case *mysql.MySQLDriver:
+		return mysqlDriver.connector(dsn, opts, poolSizing)
+	case driver.Driver:
+		if err := checkOptions(&opts, poolSizing); err != nil {
+			return nil, err
+		}
+		d := genericDriver(in, opts)
+		return d.connector(dsn, opts, poolSizing)
+	case nil:
+		return nil, errors.New("resilientpg: NewConnector: inner is nil")
+	}
+	return nil, fmt.Errorf("resilientpg: NewConnector: inner is a %T, want a driver.Connector or a driver.Driver", inner)
+}
+
+func checkOptions(o *Options, poolSizing bool) error {
+	return claimKeys(nil, o, poolSizing)
+}
+
+// pgConnector builds the pgx connector: pgx parses its own grammar (URL or
+// keyword/value, multi-host, env defaults) and leaves unknown keys in
+// RuntimeParams, where the wrapper claims its own.
+func pgConnector(dsn string, o *Options, poolSizing bool) (driver.Connector, error) {
+	cfg, err := pgx.ParseConfig(dsn)
+	if err != nil {
+		// A name made by stdlib.RegisterConnConfig is not a DSN; pgx's own
+		// driver knows it. It cannot carry resilient_ keys.
+		if isRegisteredPgxName(dsn) {
+			if err := checkOptions(o, poolSizing); err != nil {
+				return nil, err
+			}
+			return stdlib.GetDefaultDriver().(driver.DriverContext).OpenConnector(dsn)
+		}
+		return nil, err // pgconn's ParseConfigError redacts the password
+	}
+	if err := claimKeys(cfg.RuntimeParams, o, poolSizing); err != nil {
+		return nil, err
+	}
+	// Exactly one layer pings: the wrapper's checkout policy.
+	return stdlib.GetConnector(*cfg, stdlib.OptionShouldPing(neverPing)), nil
+}
+
+func neverPing(context.Context, stdlib.ShouldPingParams) bool { return false }
+
+func isRegisteredPgxName(dsn string) bool {
+	const prefix = "registeredConnConfig"
+	return len(dsn) > len(prefix) && dsn[:len(prefix)] == prefix
+}
+
+// mysqlConnector builds the go-sql-driver/mysql connector from its own
+// parser's Config, whose Params map holds the keys it does not know.
+func mysqlConnector(dsn string, o *Options, poolSizing bool) (driver.Connector, error) {
+	cfg, err := mysql.ParseDSN(dsn)
+	if err != nil {
+		return nil, err
+	}
+	if err := claimKeys(cfg.Params, o, poolSizing); err != nil {
+		return nil, err
+	}
+	return mysql.NewConnector(cfg)
+}

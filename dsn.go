@@ -1,0 +1,204 @@
+package resilientpg
+
+import (
+	"errors"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// keyPrefix marks every DSN key the wrapper claims. Any key with it that is
+// not in the table is an error, which catches typos that a pass-through key
+// would turn into a server-side failure (pgx sends unknown keys as startup
+// parameters, mysql as SET statements).
+const keyPrefix = "resilient_"
+
+const (
+	keyPing         = "resilient_ping"
+	keyPingIdle     = "resilient_ping_idle"
+	keyPingTimeout  = "resilient_ping_timeout"
+	keyMaxAge       = "resilient_max_age"
+	keyMaxAgeJitter = "resilient_max_age_jitter"
+	keyMaxIdleTime  = "resilient_max_idle_time"
+	keyMaxOpenConns = "resilient_max_open_conns"
+	keyMaxIdleConns = "resilient_max_idle_conns"
+)
+
+// dsnKey is one claimable key and how it sets its Options field.
+type dsnKey struct {
+	name    string
+	allowed string
+	set     func(o *Options, v string) error
+}
+
+var dsnKeys = []dsnKey{
+	{keyPing, "always, idle or never", func(o *Options, v string) error {
+		switch v {
+		case "always":
+			o.Ping = PingAlways
+		case "idle":
+			o.Ping = PingIdle
+		case "never":
+			o.Ping = PingNever
+		default:
+			return errBadValue
+		}
+		return nil
+	}},
+	{keyPingIdle, "a duration >= 0 such as 1s or 500ms", durationKey(func(o *Options) *time.Duration { return &o.PingIdle })},
+	{keyPingTimeout, "a duration > 0 such as 2s or 500ms", durationKey(func(o *Options) *time.Duration { return &o.PingTimeout })},
+	{keyMaxAge, "a duration >= 0 such as 30m (0 = off)", durationKey(func(o *Options) *time.Duration { return &o.MaxAge })},
+	{keyMaxAgeJitter, "a percentage such as 10% or a duration such as 2m", func(o *Options, v string) error {
+		if p, ok := strings.CutSuffix(v, "%"); ok {
+			f, err := strconv.ParseFloat(p, 64)
+			if err != nil {
+				return err
+			}
+			o.MaxAgeJitter = JitterPercent(f)
+			return nil
+		}
+		d, err := time.ParseDuration(v)
+		if err != nil {
+			return err
+		}
+		o.MaxAgeJitter = JitterDuration(d)
+		return nil
+	}},
+	{keyMaxIdleTime, "a duration >= 0 such as 5m (0 = off)", durationKey(func(o *Options) *time.Duration { return &o.MaxIdleTime })},
+	{keyMaxOpenConns, "an integer >= 0 (0 = unlimited)", intKey(func(o *Options) *int { return &o.MaxOpenConns })},
+	{keyMaxIdleConns, "an integer >= 0", intKey(func(o *Options) *int { return &o.MaxIdleConns })},
+}
+
+// errBadValue stands for "not one of the allowed values"; ConfigError.Allowed
+// says which are.
+var errBadValue = errors.New("not an allowed value")
+
+func durationKey(field func(*Options) *time.Duration) func(*Options, string) error {
+	return func(o *Options, v string) error {
+		d, err := time.ParseDuration(v)
+		if err != nil {
+			return err
+		}
+		if d < 0 {
+			return errors.New("negative duration")
+		}
+		*field(o) = d
+		return nil
+	}
+}
+
+func intKey(field func(*Options) *int) func(*Options, string) error {
+	return func(o *Options, v string) error {
+		n, err := strconv.Atoi(v)
+		if err != nil {
+			return errors.New("not an integer")
+		}
+		if n < 0 {
+			return errors.New("negative")
+		}
+		*field(o) = n
+		return nil
+	}
+}
+
+// KnownKeys returns the DSN keys the wrapper understands, in table order.
+func KnownKeys() []string {
+	names := make([]string, len(dsnKeys))
+	for i, k := range dsnKeys {
+		names[i] = k.name
+	}
+	return names
+}
+
+// isOurKey reports whether a DSN key belongs to the wrapper. The match
+// ignores case: PostgreSQL folds parameter names, so RESILIENT_PING would
+// otherwise reach the server.
+func isOurKey(name string) bool {
+	return len(name) >= len(keyPrefix) && strings.EqualFold(name[:len(keyPrefix)], keyPrefix)
+}
+
+// claimKeys moves every resilient_ key out of params into o, deleting it so
+// that the inner driver never sees it, then validates o. poolSizing says
+// whether the caller owns the *sql.DB and can apply the pool-size keys.
+func claimKeys(params map[string]string, o *Options, poolSizing bool) error {
+	// Validate in table order rather than map order, so the same DSN always
+	// reports the same first error.
+	var unknown []string
+	for name := range params {
+		if isOurKey(name) && findKey(name) == nil {
+			unknown = append(unknown, name)
+		}
+	}
+	if len(unknown) > 0 {
+		name := minString(unknown)
+		return &ConfigError{Key: name, Value: params[name],
+			Allowed: "a known key: " + strings.Join(KnownKeys(), ", ")}
+	}
+	for i := range dsnKeys {
+		k := &dsnKeys[i]
+		v, ok := params[k.name]
+		if !ok {
+			continue
+		}
+		delete(params, k.name)
+		if err := k.set(o, v); err != nil {
+			if err == errBadValue {
+				err = nil
+			}
+			return &ConfigError{Key: k.name, Value: v, Allowed: k.allowed, Err: err}
+		}
+	}
+	if err := o.validate(); err != nil {
+		return err
+	}
+	if !poolSizing && o.hasPoolSizing() {
+		key, v := keyMaxOpenConns, o.MaxOpenConns
+		if o.MaxOpenConns == Unset {
+			key, v = keyMaxIdleConns, o.MaxIdleConns
+		}
+		return &ConfigError{Key: key, Value: strconv.Itoa(v),
+			Allowed: "pool sizing only through resilientpg.Open or resilientpg.OpenDB, which own the *sql.DB; " +
+				"with sql.Open or sql.OpenDB use db.SetMaxOpenConns and db.SetMaxIdleConns"}
+	}
+	return nil
+}
+
+func findKey(name string) *dsnKey {
+	for i := range dsnKeys {
+		if dsnKeys[i].name == name {
+			return &dsnKeys[i]
+		}
+	}
+	return nil
+}
+
+func minString(s []string) string {
+	m := s[0]
+	for _, v := range s[1:] {
+		m = min(m, v)
+	}
+	return m
+}
+
+// genericDSNKey finds a "resilient_name=" assignment in a DSN whose grammar
+// the wrapper does not know. It cannot strip the key there, so it refuses
+// rather than let the key reach the server. The "=" keeps a database or host
+// named resilient_something from matching.
+func genericDSNKey(dsn string) (string, bool) {
+	lower := strings.ToLower(dsn)
+	for from := 0; ; {
+		i := strings.Index(lower[from:], keyPrefix)
+		if i < 0 {
+			return "", false
+		}
+		start := from + i
+		end := start + len(keyPrefix)
+		for end < len(lower) && (lower[end] == '_' || lower[end] >= 'a' && lower[end] <= 'z') {
+			end++
+		}
+		if end < len(lower) && lower[end] == '=' {
+			return dsn[start:end], true
+		}
+		from = end
+	}
+}

@@ -1,0 +1,32 @@
+package resilientpg
+
+import (
+	"math/rand/v2"
+	"time"
+)
+
+// lifetime is a connection's age limit, fixed once at connect and read-only
+// afterwards, so it needs no lock.
+type lifetime struct {
+	deadline time.Time // zero: no max age
+}
+
+// newLifetime draws the connection's own deadline: max age shortened by a
+// uniform share of the jitter. Shortening rather than lengthening keeps
+// MaxAge a true maximum (useful when a proxy or credential expires at a
+// fixed age), as HikariCP does.
+func newLifetime(now time.Time, maxAge time.Duration, j Jitter) lifetime {
+	if maxAge <= 0 {
+		return lifetime{}
+	}
+	age := maxAge
+	if spread := j.of(maxAge); spread > 0 {
+		age -= time.Duration(rand.Int64N(int64(spread) + 1))
+	}
+	return lifetime{deadline: now.Add(age)}
+}
+
+// expired reports whether now is at or past the deadline.
+func (l lifetime) expired(now time.Time) bool {
+	return !l.deadline.IsZero() && !now.Before(l.deadline)
+}

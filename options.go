@@ -1,0 +1,198 @@
+package resilientpg
+
+import (
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// PingPolicy decides when a checkout makes a round trip to the server.
+type PingPolicy uint8
+
+const (
+	// PingIdle pings at checkout only when the connection has been idle for
+	// at least Options.PingIdle. It is the default: a connection that was in
+	// use a moment ago is very likely alive, and the socket check still
+	// catches one the server has closed.
+	PingIdle PingPolicy = iota
+	// PingAlways pings at every checkout of a used connection. It is the
+	// only policy that catches a half-open connection used a moment ago.
+	PingAlways
+	// PingNever never pings; the socket check, the max age and the max idle
+	// time still apply.
+	PingNever
+)
+
+// String returns the DSN spelling of the policy.
+func (p PingPolicy) String() string {
+	switch p {
+	case PingIdle:
+		return "idle"
+	case PingAlways:
+		return "always"
+	case PingNever:
+		return "never"
+	}
+	return "PingPolicy(" + strconv.Itoa(int(p)) + ")"
+}
+
+// Jitter spreads the max age of each connection: a connection lives between
+// MaxAge minus the jitter and MaxAge, drawn uniformly when it connects, so
+// connections opened together do not expire together. Set one of the two
+// fields.
+type Jitter struct {
+	// Percent of MaxAge, 0 <= Percent < 100.
+	Percent float64
+	// Duration is a fixed spread, 0 <= Duration < MaxAge.
+	Duration time.Duration
+}
+
+// JitterPercent returns a jitter of p percent of the max age.
+func JitterPercent(p float64) Jitter { return Jitter{Percent: p} }
+
+// JitterDuration returns a jitter of a fixed duration.
+func JitterDuration(d time.Duration) Jitter { return Jitter{Duration: d} }
+
+// of returns the spread for a given max age.
+func (j Jitter) of(maxAge time.Duration) time.Duration {
+	if j.Duration > 0 {
+		return j.Duration
+	}
+	return time.Duration(float64(maxAge) * j.Percent / 100)
+}
+
+// String returns the DSN spelling of the jitter.
+func (j Jitter) String() string {
+	if j.Duration > 0 {
+		return j.Duration.String()
+	}
+	return strconv.FormatFloat(j.Percent, 'f', -1, 64) + "%"
+}
+
+// Unset marks a pool-size option that is left to *sql.DB's own setting.
+const Unset = -1
+
+// Options configure the wrapper. Every field has a DSN key of the same
+// meaning (see the README's key table). Start from DefaultOptions: the zero
+// value is rejected, because a zero ping timeout or a zero idle threshold
+// would silently mean something else than the defaults.
+type Options struct {
+	// Ping is the checkout probe policy (resilient_ping).
+	Ping PingPolicy
+	// PingIdle is the idle time after which PingIdle pings (resilient_ping_idle).
+	PingIdle time.Duration
+	// PingTimeout bounds one checkout ping, together with the caller's
+	// deadline, whichever ends first (resilient_ping_timeout).
+	PingTimeout time.Duration
+	// MaxAge is the maximum connection age, 0 = off (resilient_max_age).
+	MaxAge time.Duration
+	// MaxAgeJitter spreads MaxAge per connection (resilient_max_age_jitter).
+	MaxAgeJitter Jitter
+	// MaxIdleTime discards, at checkout and without a ping, a connection
+	// idle longer than this, 0 = off (resilient_max_idle_time).
+	MaxIdleTime time.Duration
+	// MaxOpenConns and MaxIdleConns size the *sql.DB
+	// (resilient_max_open_conns, resilient_max_idle_conns). They can only be
+	// applied by Open and OpenDB, which own the *sql.DB; Unset leaves the
+	// *sql.DB default.
+	MaxOpenConns int
+	MaxIdleConns int
+}
+
+// Defaults, chosen in the README's "Choosing the defaults".
+const (
+	defaultPingIdle    = time.Second
+	defaultPingTimeout = 2 * time.Second
+	defaultMaxAge      = 30 * time.Minute
+	defaultJitterPct   = 10
+)
+
+// DefaultOptions returns the options a DSN without resilient_ keys gets.
+func DefaultOptions() Options {
+	return Options{
+		Ping:         PingIdle,
+		PingIdle:     defaultPingIdle,
+		PingTimeout:  defaultPingTimeout,
+		MaxAge:       defaultMaxAge,
+		MaxAgeJitter: JitterPercent(defaultJitterPct),
+		MaxOpenConns: Unset,
+		MaxIdleConns: Unset,
+	}
+}
+
+// validate checks every field and names the DSN key in its error.
+func (o *Options) validate() error {
+	switch o.Ping {
+	case PingIdle, PingAlways, PingNever:
+	default:
+		return &ConfigError{Key: keyPing, Value: o.Ping.String(), Allowed: "always, idle or never"}
+	}
+	if o.PingIdle < 0 {
+		return &ConfigError{Key: keyPingIdle, Value: o.PingIdle.String(), Allowed: "a duration >= 0"}
+	}
+	if o.PingTimeout <= 0 {
+		return &ConfigError{Key: keyPingTimeout, Value: o.PingTimeout.String(),
+			Allowed: "a duration > 0 (Options must start from DefaultOptions())"}
+	}
+	if o.MaxAge < 0 {
+		return &ConfigError{Key: keyMaxAge, Value: o.MaxAge.String(), Allowed: "a duration >= 0 (0 = off)"}
+	}
+	j := o.MaxAgeJitter
+	switch {
+	case j.Percent != 0 && j.Duration != 0:
+		return &ConfigError{Key: keyMaxAgeJitter, Value: fmt.Sprintf("%v%% and %v", j.Percent, j.Duration),
+			Allowed: "either a percentage or a duration, not both"}
+	case j.Percent < 0 || j.Percent >= 100 || j.Percent != j.Percent: // the last catches NaN
+		return &ConfigError{Key: keyMaxAgeJitter, Value: j.String(), Allowed: "a percentage from 0% to below 100%"}
+	case j.Duration < 0 || (j.Duration > 0 && o.MaxAge > 0 && j.Duration >= o.MaxAge):
+		return &ConfigError{Key: keyMaxAgeJitter, Value: j.String(),
+			Allowed: "a duration >= 0 and below resilient_max_age (" + o.MaxAge.String() + ")"}
+	}
+	if o.MaxIdleTime < 0 {
+		return &ConfigError{Key: keyMaxIdleTime, Value: o.MaxIdleTime.String(), Allowed: "a duration >= 0 (0 = off)"}
+	}
+	if o.MaxOpenConns < Unset {
+		return &ConfigError{Key: keyMaxOpenConns, Value: strconv.Itoa(o.MaxOpenConns), Allowed: "an integer >= 0 (0 = unlimited)"}
+	}
+	if o.MaxIdleConns < Unset {
+		return &ConfigError{Key: keyMaxIdleConns, Value: strconv.Itoa(o.MaxIdleConns), Allowed: "an integer >= 0"}
+	}
+	return nil
+}
+
+// hasPoolSizing reports whether a pool-size key is set; only the functions
+// that own the *sql.DB can honour it.
+func (o *Options) hasPoolSizing() bool {
+	return o.MaxOpenConns != Unset || o.MaxIdleConns != Unset
+}
+
+// ConfigError reports an invalid resilient_ key or Options field. It names
+// the key and the offending value, never the rest of the DSN, so a password
+// cannot leak through it.
+type ConfigError struct {
+	Key     string // the DSN key, e.g. "resilient_ping"
+	Value   string // the rejected value as given
+	Allowed string // what would have been accepted
+	Err     error  // the underlying parse error, if any
+}
+
+func (e *ConfigError) Error() string {
+	var b strings.Builder
+	b.WriteString("resilientpg: invalid ")
+	b.WriteString(e.Key)
+	b.WriteString("=")
+	b.WriteString(strconv.Quote(e.Value))
+	if e.Allowed != "" {
+		b.WriteString(": want ")
+		b.WriteString(e.Allowed)
+	}
+	if e.Err != nil {
+		b.WriteString(": ")
+		b.WriteString(e.Err.Error())
+	}
+	return b.String()
+}
+
+// Unwrap returns the underlying parse error.
+func (e *ConfigError) Unwrap() error { return e.Err }

@@ -1,0 +1,83 @@
+//go:build linux || darwin || dragonfly || freebsd || netbsd || openbsd
+
+package resilientpg
+
+import (
+	"crypto/tls"
+	"net"
+	"syscall"
+)
+
+// sockState is what a look at an idle socket tells without a round trip.
+type sockState uint8
+
+const (
+	sockAlive   sockState = iota // nothing to read: open as far as the kernel knows
+	sockPending                  // bytes are waiting: maybe a notification, maybe a farewell
+	sockFatal                    // the server sent a PostgreSQL ErrorResponse while idle
+	sockClosed                   // EOF or a socket error: the peer closed or reset it
+)
+
+// sockCheck peeks at an idle connection's socket with a non-blocking
+// MSG_PEEK read. Unlike go-sql-driver/mysql's check it does not consume the
+// byte, so a pending LISTEN notification stays readable for pgx and the
+// connection is pinged instead of discarded. It is built once per connection
+// and reused, so a check allocates nothing.
+type sockCheck struct {
+	raw       syscall.RawConn
+	plaintext bool // bytes are PostgreSQL protocol, not TLS records
+	buf       [1]byte
+	state     sockState
+	fn        func(fd uintptr) bool // s.peek bound once; a fresh closure per call would allocate
+}
+
+// newSockCheck returns a check for c, or nil when c does not expose its
+// file descriptor (a user's AfterNetConnect wrapper, say).
+func newSockCheck(c net.Conn) *sockCheck {
+	plaintext := true
+	if tc, ok := c.(*tls.Conn); ok {
+		c, plaintext = tc.NetConn(), false
+	}
+	sc, ok := c.(syscall.Conn)
+	if !ok {
+		return nil
+	}
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	s := &sockCheck{raw: raw, plaintext: plaintext}
+	s.fn = s.peek
+	return s
+}
+
+// check reports the socket's state. Only call it while the connection is
+// idle and owned by the caller (database/sql's driverConn lock).
+func (s *sockCheck) check() sockState {
+	if err := s.raw.Read(s.fn); err != nil {
+		return sockClosed // the descriptor is already closed
+	}
+	return s.state
+}
+
+// peek runs inside RawConn.Read; returning true means "done, do not wait for
+// readability".
+func (s *sockCheck) peek(fd uintptr) bool {
+	n, _, err := syscall.Recvfrom(int(fd), s.buf[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+	switch {
+	case err == syscall.EAGAIN || err == syscall.EWOULDBLOCK:
+		s.state = sockAlive
+	case err == syscall.EINTR:
+		s.state = sockPending // unknown: let the ping decide
+	case err != nil, n == 0:
+		s.state = sockClosed
+	case s.plaintext && s.buf[0] == 'E':
+		// An idle PostgreSQL backend sends an ErrorResponse only when it is
+		// about to end the session (pg_terminate_backend, shutdown, idle
+		// timeouts): discard without a ping.
+		s.state = sockFatal
+	default:
+		s.state = sockPending
+	}
+	return true
+}

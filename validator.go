@@ -1,0 +1,138 @@
+package resilientpg
+
+import (
+	"context"
+	"database/sql/driver"
+	"errors"
+	"fmt"
+	"time"
+)
+
+// Errors a checkout returns when it discards a connection. Each wraps
+// driver.ErrBadConn: database/sql ignores any other ResetSession error and
+// would run the query on the condemned connection.
+var (
+	ErrMarkedBad    = fmt.Errorf("resilientpg: connection marked bad: %w", driver.ErrBadConn)
+	ErrMaxAge       = fmt.Errorf("resilientpg: connection past its max age: %w", driver.ErrBadConn)
+	ErrMaxIdle      = fmt.Errorf("resilientpg: connection idle past max idle time: %w", driver.ErrBadConn)
+	ErrServerClosed = fmt.Errorf("resilientpg: server closed the idle connection: %w", driver.ErrBadConn)
+)
+
+// ResetSession runs at every checkout of a used connection, cheapest check
+// first, and returns an error wrapping driver.ErrBadConn to have
+// database/sql discard the connection and take another (it does so up to
+// three times per operation, the last time with a brand-new connection, so
+// no retry loop is needed here):
+//
+//  1. marked bad, past max age, idle past max idle time: discard, no I/O;
+//  2. a non-blocking peek at the socket: closed or holding a server's
+//     farewell error: discard; holding other data: ping;
+//  3. the inner driver's reset (pgx: closed or in a transaction; mysql:
+//     its own socket read);
+//  4. a round-trip ping if the policy says one is due, bounded by the
+//     smaller of the caller's deadline and PingTimeout.
+//
+// If the caller's ctx ends, its error is returned and a healthy connection
+// is kept: database/sql then fails the caller's operation, not the conn.
+func (c *conn) ResetSession(ctx context.Context) error {
+	if c.bad.Load() {
+		return ErrMarkedBad
+	}
+	now := time.Now()
+	if c.life.expired(now) {
+		return ErrMaxAge
+	}
+	idle := now.Sub(c.lastActive)
+	o := &c.c.opts
+	if o.MaxIdleTime > 0 && idle > o.MaxIdleTime {
+		return ErrMaxIdle
+	}
+	ping := o.Ping == PingAlways || (o.Ping == PingIdle && idle >= o.PingIdle)
+	if c.sock != nil {
+		switch c.sock.check() {
+		case sockClosed, sockFatal:
+			c.bad.Store(true)
+			return ErrServerClosed
+		case sockPending:
+			ping = true // a notification or a farewell: only a round trip tells
+		}
+	}
+	if c.resetter != nil {
+		if err := c.resetter.ResetSession(ctx); err != nil {
+			if errors.Is(err, driver.ErrBadConn) {
+				c.bad.Store(true)
+				return fmt.Errorf("resilientpg: driver reset: %w", err)
+			}
+			return err
+		}
+	}
+	if ping {
+		if err := c.ping(ctx); err != nil {
+			return err
+		}
+	}
+	c.lastActive = now
+	return nil
+}
+
+// ping makes one bounded round trip. pgx is pinged through pgconn to keep
+// the real error (stdlib's Ping replaces it with a bare ErrBadConn).
+func (c *conn) ping(ctx context.Context) error {
+	if c.pg == nil && c.pinger == nil {
+		return nil // the driver offers no ping; nothing to bound
+	}
+	if err := ctx.Err(); err != nil {
+		return err // the caller gave up before we started: keep the conn
+	}
+	pctx, cancel := context.WithTimeout(ctx, c.c.opts.PingTimeout)
+	defer cancel()
+	var err error
+	if c.pg != nil {
+		err = c.pg.Ping(pctx)
+	} else {
+		err = c.pinger.Ping(pctx)
+	}
+	if err == nil {
+		return nil
+	}
+	if ctx.Err() != nil && c.usable() {
+		return ctx.Err() // the caller's deadline, not the conn, ended the ping
+	}
+	c.bad.Store(true)
+	return fmt.Errorf("resilientpg: checkout ping: %w: %w", driver.ErrBadConn, err)
+}
+
+// usable reports whether the inner conn survived an interrupted operation:
+// pgconn closes a conn whose I/O was cancelled; mysql closes it too and says
+// so through IsValid.
+func (c *conn) usable() bool {
+	switch {
+	case c.pg != nil:
+		return !c.pg.IsClosed()
+	case c.validator != nil:
+		return c.validator.IsValid()
+	}
+	return false // cannot tell: do not keep a conn that may be broken
+}
+
+// IsValid runs every time database/sql puts the conn back in the pool. It
+// is truthful: a conn marked bad, past its max age, closed, or still inside
+// a transaction (a rollback that failed after a cancelled ctx) is not valid.
+// It also stamps the return time, from which checkout measures idleness.
+func (c *conn) IsValid() bool {
+	if c.bad.Load() {
+		return false
+	}
+	now := time.Now()
+	if c.life.expired(now) {
+		return false
+	}
+	if c.pg != nil && (c.pg.IsClosed() || c.pg.TxStatus() != 'I') {
+		return false
+	}
+	if c.validator != nil && !c.validator.IsValid() {
+		return false
+	}
+	c.lastActive = now
+	return true
+}
