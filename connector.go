@@ -144,15 +144,18 @@ func newConnector(inner any, opts Options, dsns []string, poolSizing bool) (*Con
 	return nil, fmt.Errorf("resilientpg: NewConnector: inner is a %T, want a driver.Connector or a driver.Driver", inner)
 }
 
+// checkOptions validates Options given in code.
 func checkOptions(o *Options, poolSizing bool) error {
+	if *o == (Options{}) {
+		return errors.New("resilientpg: Options{} is not a valid configuration: start from DefaultOptions()")
+	}
 	return claimKeys(nil, o, poolSizing)
 }
 
-// pgConnector builds the pgx connector: pgx parses its own grammar (URL or
-// keyword/value, multi-host, env defaults) and leaves unknown keys in
-// RuntimeParams, where the wrapper claims its own.
+// pgConnector builds the pgx connector. Exactly one layer pings: the
+// wrapper's checkout policy, so pgx's own checkout ping is switched off.
 func pgConnector(dsn string, o *Options, poolSizing bool) (driver.Connector, error) {
-	cfg, err := pgx.ParseConfig(dsn)
+	cfg, err := parsePgConfig(dsn, o, poolSizing)
 	if err != nil {
 		// A name made by stdlib.RegisterConnConfig is not a DSN; pgx's own
 		// driver knows it. It cannot carry resilient_ keys.
@@ -162,13 +165,23 @@ func pgConnector(dsn string, o *Options, poolSizing bool) (driver.Connector, err
 			}
 			return stdlib.GetDefaultDriver().(driver.DriverContext).OpenConnector(dsn)
 		}
+		return nil, err
+	}
+	return stdlib.GetConnector(*cfg, stdlib.OptionShouldPing(neverPing)), nil
+}
+
+// parsePgConfig lets pgx parse its own grammar (URL or keyword/value,
+// multi-host, environment defaults); it leaves unknown keys in
+// RuntimeParams, where the wrapper claims its own.
+func parsePgConfig(dsn string, o *Options, poolSizing bool) (*pgx.ConnConfig, error) {
+	cfg, err := pgx.ParseConfig(dsn)
+	if err != nil {
 		return nil, err // pgconn's ParseConfigError redacts the password
 	}
 	if err := claimKeys(cfg.RuntimeParams, o, poolSizing); err != nil {
 		return nil, err
 	}
-	// Exactly one layer pings: the wrapper's checkout policy.
-	return stdlib.GetConnector(*cfg, stdlib.OptionShouldPing(neverPing)), nil
+	return cfg, nil
 }
 
 func neverPing(context.Context, stdlib.ShouldPingParams) bool { return false }
@@ -178,9 +191,18 @@ func isRegisteredPgxName(dsn string) bool {
 	return len(dsn) > len(prefix) && dsn[:len(prefix)] == prefix
 }
 
-// mysqlConnector builds the go-sql-driver/mysql connector from its own
-// parser's Config, whose Params map holds the keys it does not know.
+// mysqlConnector builds the go-sql-driver/mysql connector.
 func mysqlConnector(dsn string, o *Options, poolSizing bool) (driver.Connector, error) {
+	cfg, err := parseMySQLConfig(dsn, o, poolSizing)
+	if err != nil {
+		return nil, err
+	}
+	return mysql.NewConnector(cfg)
+}
+
+// parseMySQLConfig uses the driver's own parser, whose Params map holds the
+// keys it does not know (it would send them as SET statements).
+func parseMySQLConfig(dsn string, o *Options, poolSizing bool) (*mysql.Config, error) {
 	cfg, err := mysql.ParseDSN(dsn)
 	if err != nil {
 		return nil, err
@@ -188,5 +210,5 @@ func mysqlConnector(dsn string, o *Options, poolSizing bool) (driver.Connector, 
 	if err := claimKeys(cfg.Params, o, poolSizing); err != nil {
 		return nil, err
 	}
-	return mysql.NewConnector(cfg)
+	return cfg, nil
 }

@@ -131,9 +131,10 @@ func claimKeys(params map[string]string, o *Options, poolSizing bool) error {
 	}
 	if len(unknown) > 0 {
 		name := minString(unknown)
-		return &ConfigError{Key: name, Value: params[name],
-			Allowed: "a known key: " + strings.Join(KnownKeys(), ", ")}
+		return &ConfigError{Key: name, Value: params[name], Err: ErrUnknownKey,
+			Allowed: "one of " + strings.Join(KnownKeys(), ", ")}
 	}
+	var given map[string]string // values as written, for error messages
 	for i := range dsnKeys {
 		k := &dsnKeys[i]
 		v, ok := params[k.name]
@@ -147,8 +148,17 @@ func claimKeys(params map[string]string, o *Options, poolSizing bool) error {
 			}
 			return &ConfigError{Key: k.name, Value: v, Allowed: k.allowed, Err: err}
 		}
+		if given == nil {
+			given = make(map[string]string)
+		}
+		given[k.name] = v
 	}
 	if err := o.validate(); err != nil {
+		if ce, ok := err.(*ConfigError); ok {
+			if v, ok := given[ce.Key]; ok {
+				ce.Value = v // report what the user wrote, not its normal form
+			}
+		}
 		return err
 	}
 	if !poolSizing && o.hasPoolSizing() {

@@ -1,6 +1,7 @@
 package resilientpg
 
 import (
+	"errors"
 	"fmt"
 	"strconv"
 	"strings"
@@ -132,8 +133,7 @@ func (o *Options) validate() error {
 		return &ConfigError{Key: keyPingIdle, Value: o.PingIdle.String(), Allowed: "a duration >= 0"}
 	}
 	if o.PingTimeout <= 0 {
-		return &ConfigError{Key: keyPingTimeout, Value: o.PingTimeout.String(),
-			Allowed: "a duration > 0 (Options must start from DefaultOptions())"}
+		return &ConfigError{Key: keyPingTimeout, Value: o.PingTimeout.String(), Allowed: "a duration > 0"}
 	}
 	if o.MaxAge < 0 {
 		return &ConfigError{Key: keyMaxAge, Value: o.MaxAge.String(), Allowed: "a duration >= 0 (0 = off)"}
@@ -167,6 +167,10 @@ func (o *Options) hasPoolSizing() bool {
 	return o.MaxOpenConns != Unset || o.MaxIdleConns != Unset
 }
 
+// ErrUnknownKey is the Err of a ConfigError for a resilient_ key that is not
+// in the table, usually a typo.
+var ErrUnknownKey = errors.New("unknown key")
+
 // ConfigError reports an invalid resilient_ key or Options field. It names
 // the key and the offending value, never the rest of the DSN, so a password
 // cannot leak through it.
@@ -179,7 +183,12 @@ type ConfigError struct {
 
 func (e *ConfigError) Error() string {
 	var b strings.Builder
-	b.WriteString("resilientpg: invalid ")
+	b.WriteString("resilientpg: ")
+	if e.Err == ErrUnknownKey {
+		b.WriteString("unknown key ")
+	} else {
+		b.WriteString("invalid ")
+	}
 	b.WriteString(e.Key)
 	b.WriteString("=")
 	b.WriteString(strconv.Quote(e.Value))
@@ -187,7 +196,7 @@ func (e *ConfigError) Error() string {
 		b.WriteString(": want ")
 		b.WriteString(e.Allowed)
 	}
-	if e.Err != nil {
+	if e.Err != nil && e.Err != ErrUnknownKey {
 		b.WriteString(": ")
 		b.WriteString(e.Err.Error())
 	}

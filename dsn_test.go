@@ -1,0 +1,254 @@
+package resilientpg
+
+import (
+	"database/sql"
+	"errors"
+	"net/url"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/stdlib"
+)
+
+const testPassword = "s3cretPW"
+
+// dsnForms builds a DSN of each supported grammar carrying one extra key.
+var dsnForms = []struct {
+	name  string
+	build func(key, value string) string
+	parse func(dsn string, o *Options) (params map[string]string, err error)
+}{
+	{"pg-url", func(k, v string) string {
+		return "postgres://app:" + testPassword + "@db.example:5432/app?sslmode=disable&application_name=svc&" + k + "=" + url.QueryEscape(v)
+	}, parsePg},
+	{"pg-keyword", func(k, v string) string {
+		return "host=db.example user=app password=" + testPassword + " dbname=app application_name=svc " + k + "=" + v
+	}, parsePg},
+	{"mysql", func(k, v string) string {
+		return "app:" + testPassword + "@tcp(db.example:3306)/app?parseTime=true&application_name=svc&" + k + "=" + url.QueryEscape(v)
+	}, func(dsn string, o *Options) (map[string]string, error) {
+		cfg, err := parseMySQLConfig(dsn, o, true)
+		if err != nil {
+			return nil, err
+		}
+		return cfg.Params, nil
+	}},
+}
+
+func parsePg(dsn string, o *Options) (map[string]string, error) {
+	cfg, err := parsePgConfig(dsn, o, true)
+	if err != nil {
+		return nil, err
+	}
+	return cfg.RuntimeParams, nil
+}
+
+func TestDSNKeysParsed(t *testing.T) {
+	cases := []struct {
+		key, value string
+		want       func(*Options)
+	}{
+		{keyPing, "always", func(o *Options) { o.Ping = PingAlways }},
+		{keyPing, "never", func(o *Options) { o.Ping = PingNever }},
+		{keyPing, "idle", func(o *Options) { o.Ping = PingIdle }},
+		{keyPingIdle, "250ms", func(o *Options) { o.PingIdle = 250 * time.Millisecond }},
+		{keyPingIdle, "0", func(o *Options) { o.PingIdle = 0 }},
+		{keyPingTimeout, "500ms", func(o *Options) { o.PingTimeout = 500 * time.Millisecond }},
+		{keyMaxAge, "1h", func(o *Options) { o.MaxAge = time.Hour }},
+		{keyMaxAge, "0", func(o *Options) { o.MaxAge = 0 }},
+		{keyMaxAgeJitter, "25%", func(o *Options) { o.MaxAgeJitter = JitterPercent(25) }},
+		{keyMaxAgeJitter, "2.5%", func(o *Options) { o.MaxAgeJitter = JitterPercent(2.5) }},
+		{keyMaxAgeJitter, "2m", func(o *Options) { o.MaxAgeJitter = JitterDuration(2 * time.Minute) }},
+		{keyMaxIdleTime, "5m", func(o *Options) { o.MaxIdleTime = 5 * time.Minute }},
+		{keyMaxOpenConns, "20", func(o *Options) { o.MaxOpenConns = 20 }},
+		{keyMaxOpenConns, "0", func(o *Options) { o.MaxOpenConns = 0 }},
+		{keyMaxIdleConns, "4", func(o *Options) { o.MaxIdleConns = 4 }},
+	}
+	for _, form := range dsnForms {
+		for _, tc := range cases {
+			t.Run(form.name+"/"+tc.key+"="+tc.value, func(t *testing.T) {
+				got := DefaultOptions()
+				params, err := form.parse(form.build(tc.key, tc.value), &got)
+				if err != nil {
+					t.Fatal(err)
+				}
+				want := DefaultOptions()
+				tc.want(&want)
+				if got != want {
+					t.Errorf("options = %+v, want %+v", got, want)
+				}
+				for k := range params {
+					if isOurKey(k) {
+						t.Errorf("%s survived into the inner config", k)
+					}
+				}
+				if params["application_name"] != "svc" {
+					t.Errorf("the inner driver's own keys must pass through: %v", params)
+				}
+			})
+		}
+	}
+}
+
+func TestDSNKeysRejected(t *testing.T) {
+	cases := []struct {
+		key, value string
+		allowed    string // a piece of ConfigError.Allowed
+	}{
+		{keyPing, "sometimes", "always, idle or never"},
+		{keyPing, "ALWAYS", "always, idle or never"},
+		{keyPingIdle, "1", "duration"},
+		{keyPingIdle, "-1s", "duration >= 0"},
+		{keyPingTimeout, "0", "duration > 0"},
+		{keyPingTimeout, "soon", "duration > 0"},
+		{keyMaxAge, "-5m", "duration >= 0"},
+		{keyMaxAge, "30", "duration"},
+		{keyMaxAgeJitter, "100%", "below 100%"},
+		{keyMaxAgeJitter, "-1%", "0%"},
+		{keyMaxAgeJitter, "x%", "percentage"},
+		{keyMaxAgeJitter, "NaN%", "percentage"},
+		{keyMaxAgeJitter, "40m", "below resilient_max_age"},
+		{keyMaxIdleTime, "forever", "duration"},
+		{keyMaxOpenConns, "-1", "integer >= 0"},
+		{keyMaxOpenConns, "ten", "integer"},
+		{keyMaxIdleConns, "1.5", "integer"},
+		{"resilient_pingg", "always", "one of resilient_ping, "},
+		{"RESILIENT_PING", "always", "one of resilient_ping, "},
+		{"resilient_", "x", "one of"},
+	}
+	for _, form := range dsnForms {
+		for _, tc := range cases {
+			t.Run(form.name+"/"+tc.key+"="+tc.value, func(t *testing.T) {
+				o := DefaultOptions()
+				_, err := form.parse(form.build(tc.key, tc.value), &o)
+				var ce *ConfigError
+				if !errors.As(err, &ce) {
+					t.Fatalf("err = %v, want a *ConfigError", err)
+				}
+				if ce.Key != tc.key || ce.Value != tc.value || !strings.Contains(ce.Allowed, tc.allowed) {
+					t.Errorf("ConfigError{Key %q, Value %q, Allowed %q}, want key %q value %q allowed ~%q",
+						ce.Key, ce.Value, ce.Allowed, tc.key, tc.value, tc.allowed)
+				}
+				msg := err.Error()
+				if !strings.Contains(msg, tc.key) || !strings.Contains(msg, tc.value) {
+					t.Errorf("message %q must name the key and the value", msg)
+				}
+				if strings.Contains(msg, testPassword) {
+					t.Errorf("message %q leaks the password", msg)
+				}
+			})
+		}
+	}
+}
+
+// TestSQLOpenFailsFast: sql.Open reports a bad key at once, not at the
+// first query, and pool keys point to the functions that can apply them.
+func TestSQLOpenFailsFast(t *testing.T) {
+	for _, tc := range []struct{ driver, dsn, want string }{
+		{"resilientpg", "postgres://app:" + testPassword + "@h/db?resilient_ping=sometimes", "resilient_ping"},
+		{"resilientpg", "host=h password=" + testPassword + " resilient_max_open_conns=5", "resilientpg.Open"},
+		{"resilientmysql", "app:" + testPassword + "@tcp(h)/db?resilient_max_idle_conns=5", "SetMaxIdleConns"},
+		{"resilientmysql", "app:" + testPassword + "@tcp(h)/db?resilient_timeout=5s", "unknown key resilient_timeout"},
+	} {
+		db, err := sql.Open(tc.driver, tc.dsn)
+		if err == nil {
+			db.Close()
+			t.Errorf("sql.Open(%q) succeeded, want an error", tc.dsn)
+			continue
+		}
+		if !strings.Contains(err.Error(), tc.want) || strings.Contains(err.Error(), testPassword) {
+			t.Errorf("sql.Open error %q: want it to contain %q and not the password", err, tc.want)
+		}
+	}
+}
+
+func TestOpenAppliesPoolKeys(t *testing.T) {
+	for _, tc := range []struct{ driver, dsn string }{
+		{"resilientpg", "postgres://h/db?resilient_max_open_conns=7&resilient_max_idle_conns=3"},
+		{"resilientmysql", "u@tcp(h)/db?resilient_max_open_conns=7&resilient_max_idle_conns=3"},
+	} {
+		db, err := Open(tc.driver, tc.dsn)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := db.Stats().MaxOpenConnections; got != 7 {
+			t.Errorf("%s: MaxOpenConnections = %d, want 7", tc.driver, got)
+		}
+		db.Close()
+	}
+	if _, err := Open("pgx", "postgres://h/db"); err == nil || !strings.Contains(err.Error(), `"resilientpg"`) {
+		t.Errorf("Open with a foreign driver name: %v", err)
+	}
+}
+
+func TestNewConnectorRejects(t *testing.T) {
+	f := &fakeConnector{}
+	both := DefaultOptions()
+	both.MaxAgeJitter = Jitter{Percent: 5, Duration: time.Second}
+	pool := DefaultOptions()
+	pool.MaxOpenConns = 5
+	for _, tc := range []struct {
+		name  string
+		inner any
+		opts  Options
+		dsn   []string
+		want  string
+	}{
+		{"zero options", f, Options{}, nil, "DefaultOptions()"},
+		{"jitter both ways", f, both, nil, "not both"},
+		{"pool sizing on a bare connector", f, pool, nil, "resilientpg.OpenDB"},
+		{"connector with a DSN", f, DefaultOptions(), []string{"x"}, "driver.Driver"},
+		{"nil inner", nil, DefaultOptions(), nil, "nil"},
+		{"not a driver", 42, DefaultOptions(), nil, "int"},
+		{"key in a foreign DSN", fakeDriver{f}, DefaultOptions(), []string{"file:x?resilient_ping=always"}, "resilient_ping"},
+		{"bad key in a pgx DSN", stdlib.GetDefaultDriver(), DefaultOptions(), []string{"postgres://h/db?resilient_ping=x"}, "resilient_ping"},
+	} {
+		_, err := NewConnector(tc.inner, tc.opts, tc.dsn...)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: err = %v, want it to mention %q", tc.name, err, tc.want)
+		}
+	}
+	if _, err := OpenDB(f, pool); err != nil {
+		t.Errorf("OpenDB must accept pool sizing: %v", err)
+	}
+	// A database named like a key is not a key.
+	if _, err := NewConnector(fakeDriver{f}, DefaultOptions(), "file:resilient_app.db"); err != nil {
+		t.Errorf("a name containing resilient_ was taken for a key: %v", err)
+	}
+}
+
+// TestPgxDriverDSNThroughNewConnector: giving pgx's own driver and a DSN
+// takes the same parsing path as sql.Open("resilientpg").
+func TestPgxDriverDSNThroughNewConnector(t *testing.T) {
+	c, err := NewConnector(stdlib.GetDefaultDriver(), DefaultOptions(), "postgres://h/db?resilient_ping=never")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Options().Ping != PingNever {
+		t.Errorf("Ping = %v, want never", c.Options().Ping)
+	}
+	if c.Driver() != pgDriver {
+		t.Error("Driver() must be the resilientpg driver")
+	}
+	if pgDriver.Unwrap() != stdlib.GetDefaultDriver() {
+		t.Error("Unwrap must return pgx's driver")
+	}
+}
+
+// TestRegisteredPgxConfigName: names from stdlib.RegisterConnConfig work as
+// they do with sql.Open("pgx", name).
+func TestRegisteredPgxConfigName(t *testing.T) {
+	cfg, err := pgx.ParseConfig("postgres://h/db")
+	if err != nil {
+		t.Fatal(err)
+	}
+	name := stdlib.RegisterConnConfig(cfg)
+	defer stdlib.UnregisterConnConfig(name)
+	db, err := sql.Open("resilientpg", name)
+	if err != nil {
+		t.Fatalf("sql.Open(resilientpg, %q): %v", name, err)
+	}
+	db.Close()
+}
