@@ -1,0 +1,190 @@
+package faultlab
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+)
+
+// MariaDB is a throwaway MariaDB server started from the installed
+// binaries. It listens on 127.0.0.1:Port only, keeps everything under Dir,
+// and survives Stop/Start cycles on the same port and data until Close.
+// Its methods are safe for concurrent use.
+type MariaDB struct {
+	// Port is the TCP port on 127.0.0.1; it stays the same across restarts.
+	Port int
+	// Dir is the temporary directory holding the data directory ("data"),
+	// the error log, the socket and the pid file. Close removes it.
+	Dir string
+
+	// adminUser is the account admin operations log in as: root until
+	// setupAccounts has created mariadbAdminUser.
+	adminUser string
+
+	bins      MariaDBBins
+	user      serverUser
+	extraArgs []string
+	logf      func(string, ...any)
+
+	// mu serialises lifecycle changes; proc is the running server, or nil.
+	mu     sync.Mutex
+	proc   *mariadbProc
+	closed bool
+}
+
+// MariaDBOptions tune StartMariaDB. The zero value is ready to use.
+type MariaDBOptions struct {
+	// ExtraArgs are appended to mariadbd's command line, after faultlab's
+	// own options so they win, e.g. "--wait-timeout=5".
+	ExtraArgs []string
+	// Logf, if set, receives progress messages; t.Logf fits.
+	Logf func(format string, args ...any)
+}
+
+// mariadbPidFile is the pid file name inside Dir, also read by the sweep.
+const mariadbPidFile = "mariadbd.pid"
+
+// mariadbStartAttempts bounds retries when the free port was taken between
+// freePort and the server's bind.
+const mariadbStartAttempts = 3
+
+// StartMariaDB creates a fresh data directory with mariadb-install-db,
+// starts mariadbd on a free 127.0.0.1 port and creates the database
+// "test". The user root@127.0.0.1 has an empty password (the
+// "--auth-root-authentication-method=normal" install creates it), so DSN
+// needs no password. That root lacks the READ_ONLY ADMIN privilege, so
+// SetReadOnly stops it like any application user; faultlab's own admin
+// operations use a separate account. On failure nothing is left behind
+// and the error carries the error log's tail. Call Close when done.
+func StartMariaDB(ctx context.Context, opts MariaDBOptions) (*MariaDB, error) {
+	logf := opts.Logf
+	if logf == nil {
+		logf = func(string, ...any) {}
+	}
+	bins, err := MariaDBBinaries()
+	if err != nil {
+		return nil, err
+	}
+	u, err := lookupServerUser("mysql")
+	if err != nil {
+		return nil, err
+	}
+	sweepStale(logf)
+	dir, err := newLabDir("mariadb", u)
+	if err != nil {
+		return nil, err
+	}
+	m := &MariaDB{Dir: dir, adminUser: "root", bins: bins, user: u, extraArgs: opts.ExtraArgs, logf: logf}
+	ok := false
+	defer func() {
+		if !ok {
+			m.Close()
+		}
+	}()
+
+	if err := m.installDB(ctx); err != nil {
+		return nil, err
+	}
+	if err := m.startOnFreePort(ctx); err != nil {
+		return nil, err
+	}
+	if err := m.setupAccounts(ctx); err != nil {
+		return nil, withLog(err, m.errLogPath())
+	}
+	ok = true
+	return m, nil
+}
+
+// DSN returns a go-sql-driver/mysql DSN for database db as root with the
+// empty password, e.g. "root@tcp(127.0.0.1:PORT)/test".
+func (m *MariaDB) DSN(db string) string {
+	return fmt.Sprintf("root@tcp(%s)/%s", m.Addr(), db)
+}
+
+// Addr returns "127.0.0.1:PORT", for example as a Proxy target.
+func (m *MariaDB) Addr() string { return loopbackAddr(m.Port) }
+
+// dataDir is the server's data directory inside Dir.
+func (m *MariaDB) dataDir() string { return filepath.Join(m.Dir, "data") }
+
+// errLogPath is mariadbd's --log-error file.
+func (m *MariaDB) errLogPath() string { return filepath.Join(m.Dir, "err.log") }
+
+// installDB creates the system tables. "normal" root authentication is
+// what creates root@127.0.0.1 with an empty password; the default,
+// unix_socket, would only admit the OS root user over the socket.
+func (m *MariaDB) installDB(ctx context.Context) error {
+	cmd := m.user.command(ctx, m.Dir, m.bins.InstallDB,
+		"--no-defaults", "--datadir="+m.dataDir(),
+		"--auth-root-authentication-method=normal", "--skip-test-db")
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("faultlab: mariadb-install-db: %w\n%s", err, out)
+	}
+	return nil
+}
+
+// startOnFreePort picks a port and starts the server, retrying with a new
+// port only when the old one turned out to be taken.
+func (m *MariaDB) startOnFreePort(ctx context.Context) error {
+	var err error
+	for attempt := 1; attempt <= mariadbStartAttempts; attempt++ {
+		if m.Port, err = freePort(); err != nil {
+			return err
+		}
+		os.Remove(m.errLogPath()) // so the port-in-use check reads this attempt only
+		if err = m.Start(ctx); err == nil || !isPortInUse(tailFile(m.errLogPath())) {
+			return err
+		}
+		m.logf("faultlab: mariadb port %d was taken, retrying (%d/%d)", m.Port, attempt, mariadbStartAttempts)
+	}
+	return err
+}
+
+// mariadbAdminUser is the passwordless account, with every privilege,
+// that Exec, KillSessions and SetReadOnly log in as.
+const mariadbAdminUser = "faultlab_admin"
+
+// setupAccounts creates the admin account and the "test" database, and
+// takes READ_ONLY ADMIN away from root@127.0.0.1. In MariaDB 10.11 "ALL
+// PRIVILEGES" includes READ_ONLY ADMIN, which both bypasses read_only and
+// is required to set it; left alone, root (the account DSN uses) would
+// keep writing through SetReadOnly(true). This must happen before any
+// client connects: global privilege changes only apply to new sessions.
+func (m *MariaDB) setupAccounts(ctx context.Context) error {
+	const q = "CREATE USER '" + mariadbAdminUser + "'@'127.0.0.1';" +
+		"GRANT ALL PRIVILEGES ON *.* TO '" + mariadbAdminUser + "'@'127.0.0.1' WITH GRANT OPTION;" +
+		"REVOKE READ_ONLY ADMIN ON *.* FROM 'root'@'127.0.0.1';" +
+		"CREATE DATABASE test"
+	if err := m.Exec(ctx, q); err != nil {
+		return fmt.Errorf("faultlab: set up accounts: %w", err)
+	}
+	m.adminUser = mariadbAdminUser
+	return nil
+}
+
+// serverArgs is mariadbd's command line. --no-defaults keeps the system
+// my.cnf (and the system server's settings) out; durability is traded for
+// speed since the data is throwaway; --skip-name-resolve avoids reverse
+// DNS on every connection, which would stall on a machine without DNS.
+func (m *MariaDB) serverArgs() []string {
+	args := []string{
+		"--no-defaults",
+		"--datadir=" + m.dataDir(),
+		fmt.Sprintf("--port=%d", m.Port),
+		"--bind-address=" + loopbackHost,
+		"--socket=" + filepath.Join(m.Dir, "mariadbd.sock"),
+		"--pid-file=" + filepath.Join(m.Dir, mariadbPidFile),
+		"--log-error=" + m.errLogPath(),
+		"--skip-name-resolve",
+		"--skip-log-bin",
+		"--innodb-flush-log-at-trx-commit=0",
+		"--innodb-doublewrite=0",
+		"--innodb-buffer-pool-size=32M",
+		"--character-set-server=utf8mb4",
+		"--collation-server=utf8mb4_general_ci",
+	}
+	return append(args, m.extraArgs...)
+}
