@@ -40,8 +40,10 @@ type conn struct {
 
 	pg   *pgconn.PgConn // non-nil when the inner conn is pgx's *stdlib.Conn
 	sock *sockCheck     // nil when the socket is out of reach
+	gen  uint64         // the connector's generation at connect
 
 	lastActive time.Time   // last checkout or return; guarded by the driverConn lock
+	txOpen     bool        // BeginTx succeeded since the last checkout; guarded by the driverConn lock
 	bad        atomic.Bool // sticky: the conn must not be reused
 }
 
@@ -59,7 +61,7 @@ var (
 )
 
 func newConn(c *Connector, inner driver.Conn, now time.Time) *conn {
-	w := &conn{inner: inner, c: c, lastActive: now,
+	w := &conn{inner: inner, c: c, lastActive: now, gen: c.gen.Load(),
 		life: newLifetime(now, c.opts.MaxAge, c.opts.MaxAgeJitter)}
 	w.prepCtx, _ = inner.(driver.ConnPrepareContext)
 	w.beginTx, _ = inner.(driver.ConnBeginTx)
@@ -81,21 +83,21 @@ func newConn(c *Connector, inner driver.Conn, now time.Time) *conn {
 // Unwrap returns the inner driver connection; see UnwrapConn.
 func (c *conn) Unwrap() driver.Conn { return c.inner }
 
-// observe marks the conn bad when the inner driver says it is, so IsValid
-// discards it on return even when database/sql does not see ErrBadConn
-// itself (a wrapped or later error). It returns err unchanged: whether to
-// retry is database/sql's decision, made on the driver's own error.
-func (c *conn) observe(err error) error {
-	if errors.Is(err, driver.ErrBadConn) || (c.pg != nil && c.pg.IsClosed()) {
-		c.bad.Store(true)
+// inTx reports whether a statement now would run inside a transaction.
+// pgx knows it from the server; for other drivers the wrapper tracks
+// BeginTx, which is conservative: any statement after it counts.
+func (c *conn) inTx() bool {
+	if c.pg != nil {
+		return c.pg.TxStatus() != 'I'
 	}
-	return err
+	return c.txOpen
 }
 
 func (c *conn) Prepare(query string) (driver.Stmt, error) {
+	inTx := c.inTx()
 	s, err := c.inner.Prepare(query)
 	if err != nil {
-		return nil, c.observe(err)
+		return nil, c.handleErr(context.Background(), err, inTx)
 	}
 	return s, nil
 }
@@ -103,9 +105,10 @@ func (c *conn) Prepare(query string) (driver.Stmt, error) {
 // PrepareContext forwards, or does what database/sql's ctxDriverPrepare does.
 func (c *conn) PrepareContext(ctx context.Context, query string) (driver.Stmt, error) {
 	if c.prepCtx != nil {
+		inTx := c.inTx()
 		s, err := c.prepCtx.PrepareContext(ctx, query)
 		if err != nil {
-			return nil, c.observe(err)
+			return nil, c.handleErr(ctx, err, inTx)
 		}
 		return s, nil
 	}
@@ -127,8 +130,9 @@ func (c *conn) Close() error { return c.inner.Close() }
 func (c *conn) Begin() (driver.Tx, error) {
 	tx, err := c.inner.Begin() //lint:ignore SA1019 forwarding the required method
 	if err != nil {
-		return nil, c.observe(err)
+		return nil, c.handleErr(context.Background(), err, true)
 	}
+	c.txOpen = true
 	return tx, nil
 }
 
@@ -137,8 +141,11 @@ func (c *conn) BeginTx(ctx context.Context, opts driver.TxOptions) (driver.Tx, e
 	if c.beginTx != nil {
 		tx, err := c.beginTx.BeginTx(ctx, opts)
 		if err != nil {
-			return nil, c.observe(err)
+			// Nothing of the transaction ran yet, but BEGIN itself is
+			// retried only when the driver proves it was not sent.
+			return nil, c.handleErr(ctx, err, true)
 		}
+		c.txOpen = true
 		return tx, nil
 	}
 	// Same checks and messages as database/sql.
@@ -163,10 +170,11 @@ func (c *conn) BeginTx(ctx context.Context, opts driver.TxOptions) (driver.Tx, e
 // ExecContext forwards, falls back to the legacy Execer as database/sql's
 // ctxDriverExec does, or returns ErrSkip so database/sql prepares instead.
 func (c *conn) ExecContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Result, error) {
+	inTx := c.inTx()
 	if c.execCtx != nil {
 		r, err := c.execCtx.ExecContext(ctx, query, args)
 		if err != nil {
-			return nil, c.observe(err)
+			return nil, c.handleErr(ctx, err, inTx)
 		}
 		return r, nil
 	}
@@ -182,17 +190,18 @@ func (c *conn) ExecContext(ctx context.Context, query string, args []driver.Name
 	}
 	r, err := c.execer.Exec(query, dargs)
 	if err != nil {
-		return nil, c.observe(err)
+		return nil, c.handleErr(ctx, err, inTx)
 	}
 	return r, nil
 }
 
 // QueryContext forwards like ExecContext.
 func (c *conn) QueryContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Rows, error) {
+	inTx := c.inTx()
 	if c.queryCtx != nil {
 		r, err := c.queryCtx.QueryContext(ctx, query, args)
 		if err != nil {
-			return nil, c.observe(err)
+			return nil, c.handleErr(ctx, err, inTx)
 		}
 		return r, nil
 	}
@@ -208,7 +217,7 @@ func (c *conn) QueryContext(ctx context.Context, query string, args []driver.Nam
 	}
 	r, err := c.queryer.Query(query, dargs)
 	if err != nil {
-		return nil, c.observe(err)
+		return nil, c.handleErr(ctx, err, inTx)
 	}
 	return r, nil
 }
@@ -229,7 +238,10 @@ func (c *conn) Ping(ctx context.Context) error {
 	if c.pinger == nil {
 		return nil
 	}
-	return c.observe(c.pinger.Ping(ctx))
+	if err := c.pinger.Ping(ctx); err != nil {
+		return c.handleErr(ctx, err, false)
+	}
+	return nil
 }
 
 // namedValueToValue is database/sql's conversion for legacy drivers.

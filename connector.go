@@ -7,10 +7,13 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"reflect"
+	"sync/atomic"
 	"time"
 
 	"github.com/go-sql-driver/mysql"
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/stdlib"
 )
 
@@ -18,27 +21,38 @@ import (
 // connections it makes healthy. It is safe for concurrent use; its options
 // are fixed when it is made.
 type Connector struct {
-	inner driver.Connector
-	drv   *Driver
-	opts  Options
+	inner          driver.Connector
+	drv            *Driver
+	opts           Options
+	rejectReadOnly bool // RejectReadOnly resolved against the DSN
+
+	gen  atomic.Uint64 // bumped by invalidate; a conn of an older one is discarded
+	gate dialGate
 }
 
 var _ driver.Connector = (*Connector)(nil)
 
-// Connect opens an inner connection and wraps it. The connection's own max
-// age deadline is drawn here.
-func (c *Connector) Connect(ctx context.Context) (driver.Conn, error) {
-	inner, err := c.inner.Connect(ctx)
-	if err != nil {
-		// driver.Connector's contract forbids ErrBadConn from Connect:
-		// database/sql would retry on it as if a pooled conn had failed.
-		if errors.Is(err, driver.ErrBadConn) {
-			return nil, fmt.Errorf("resilientpg: connect: %s", err.Error())
-		}
-		return nil, err
+func newConnectorFrom(inner driver.Connector, d *Driver, o Options, writableTarget bool) *Connector {
+	c := &Connector{inner: inner, drv: d, opts: o}
+	switch o.RejectReadOnly {
+	case ReadOnlyReject:
+		c.rejectReadOnly = true
+	case ReadOnlyAuto:
+		c.rejectReadOnly = writableTarget
 	}
-	return newConn(c, inner, time.Now()), nil
+	c.gate.bo = backoff{initial: o.ConnectBackoff, max: o.ConnectBackoffMax}
+	return c
 }
+
+// wrap wraps a new inner connection; its max age is drawn here.
+func (c *Connector) wrap(inner driver.Conn) *conn {
+	return newConn(c, inner, time.Now())
+}
+
+// invalidate retires every connection made so far: each is discarded at
+// its next checkout or return, without a ping (SQLAlchemy's pool-wide
+// invalidation).
+func (c *Connector) invalidate() { c.gen.Add(1) }
 
 // Driver returns the wrapping driver.
 func (c *Connector) Driver() driver.Driver { return c.drv }
@@ -127,7 +141,7 @@ func newConnector(inner any, opts Options, dsns []string, poolSizing bool) (*Con
 		if err := checkOptions(&opts, poolSizing); err != nil {
 			return nil, err
 		}
-		return &Connector{inner: in, opts: opts, drv: genericDriver(in.Driver(), opts)}, nil
+		return newConnectorFrom(in, genericDriver(in.Driver(), opts), opts, false), nil
 	case *stdlib.Driver:
 		return pgDriver.connector(dsn, opts, poolSizing)
 	case *mysql.MySQLDriver:
@@ -154,20 +168,33 @@ func checkOptions(o *Options, poolSizing bool) error {
 
 // pgConnector builds the pgx connector. Exactly one layer pings: the
 // wrapper's checkout policy, so pgx's own checkout ping is switched off.
-func pgConnector(dsn string, o *Options, poolSizing bool) (driver.Connector, error) {
+func pgConnector(dsn string, o *Options, poolSizing bool) (driver.Connector, bool, error) {
 	cfg, err := parsePgConfig(dsn, o, poolSizing)
 	if err != nil {
 		// A name made by stdlib.RegisterConnConfig is not a DSN; pgx's own
 		// driver knows it. It cannot carry resilient_ keys.
 		if isRegisteredPgxName(dsn) {
 			if err := checkOptions(o, poolSizing); err != nil {
-				return nil, err
+				return nil, false, err
 			}
-			return stdlib.GetDefaultDriver().(driver.DriverContext).OpenConnector(dsn)
+			c, err := stdlib.GetDefaultDriver().(driver.DriverContext).OpenConnector(dsn)
+			return c, false, err
 		}
-		return nil, err
+		return nil, false, err
 	}
-	return stdlib.GetConnector(*cfg, stdlib.OptionShouldPing(neverPing)), nil
+	return stdlib.GetConnector(*cfg, stdlib.OptionShouldPing(neverPing)), writableTarget(cfg), nil
+}
+
+// writableTarget reports whether the DSN asked for a server that accepts
+// writes (target_session_attrs=read-write or primary). pgx keeps that only
+// as a validation function, so the function is compared.
+func writableTarget(cfg *pgx.ConnConfig) bool {
+	if cfg.ValidateConnect == nil {
+		return false
+	}
+	f := reflect.ValueOf(cfg.ValidateConnect).Pointer()
+	return f == reflect.ValueOf(pgconn.ValidateConnectTargetSessionAttrsReadWrite).Pointer() ||
+		f == reflect.ValueOf(pgconn.ValidateConnectTargetSessionAttrsPrimary).Pointer()
 }
 
 // parsePgConfig lets pgx parse its own grammar (URL or keyword/value,
@@ -192,12 +219,15 @@ func isRegisteredPgxName(dsn string) bool {
 }
 
 // mysqlConnector builds the go-sql-driver/mysql connector.
-func mysqlConnector(dsn string, o *Options, poolSizing bool) (driver.Connector, error) {
+// Its writable-target answer is false: mysql's own rejectReadOnly=true
+// handles a demoted primary inside the driver.
+func mysqlConnector(dsn string, o *Options, poolSizing bool) (driver.Connector, bool, error) {
 	cfg, err := parseMySQLConfig(dsn, o, poolSizing)
 	if err != nil {
-		return nil, err
+		return nil, false, err
 	}
-	return mysql.NewConnector(cfg)
+	c, err := mysql.NewConnector(cfg)
+	return c, false, err
 }
 
 // parseMySQLConfig uses the driver's own parser, whose Params map holds the

@@ -67,8 +67,8 @@ type Driver struct {
 	name  string
 	inner driver.Driver
 	// build parses dsn into an inner connector, claiming resilient_ keys
-	// into o.
-	build func(dsn string, o *Options, poolSizing bool) (driver.Connector, error)
+	// into o, and reports whether the DSN asks for a writable server.
+	build func(dsn string, o *Options, poolSizing bool) (driver.Connector, bool, error)
 }
 
 var (
@@ -112,27 +112,28 @@ func (d *Driver) OpenConnector(dsn string) (driver.Connector, error) {
 func (d *Driver) Unwrap() driver.Driver { return d.inner }
 
 func (d *Driver) connector(dsn string, o Options, poolSizing bool) (*Connector, error) {
-	inner, err := d.build(dsn, &o, poolSizing)
+	inner, writable, err := d.build(dsn, &o, poolSizing)
 	if err != nil {
 		return nil, err
 	}
-	return &Connector{inner: inner, drv: d, opts: o}, nil
+	return newConnectorFrom(inner, d, o, writable), nil
 }
 
 // genericDriver wraps a driver whose DSN grammar the wrapper does not know:
 // the DSN goes through untouched, with fixed options.
 func genericDriver(inner driver.Driver, fixed Options) *Driver {
 	return &Driver{name: "resilientpg(generic)", inner: inner,
-		build: func(dsn string, o *Options, poolSizing bool) (driver.Connector, error) {
+		build: func(dsn string, o *Options, poolSizing bool) (driver.Connector, bool, error) {
 			if key, ok := genericDSNKey(dsn); ok {
-				return nil, &ConfigError{Key: key, Value: "(in the DSN)",
+				return nil, false, &ConfigError{Key: key, Value: "(in the DSN)",
 					Allowed: "resilient_ keys only in resilientpg and resilientmysql DSNs; set Options fields for other drivers"}
 			}
 			*o = fixed
 			if dc, ok := inner.(driver.DriverContext); ok {
-				return dc.OpenConnector(dsn)
+				c, err := dc.OpenConnector(dsn)
+				return c, false, err
 			}
-			return dsnConnector{dsn: dsn, drv: inner}, nil
+			return dsnConnector{dsn: dsn, drv: inner}, false, nil
 		}}
 }
 

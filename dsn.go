@@ -22,6 +22,13 @@ const (
 	keyMaxIdleTime  = "resilient_max_idle_time"
 	keyMaxOpenConns = "resilient_max_open_conns"
 	keyMaxIdleConns = "resilient_max_idle_conns"
+
+	keyConnectTimeout    = "resilient_connect_timeout"
+	keyConnectBackoff    = "resilient_connect_backoff"
+	keyConnectBackoffMax = "resilient_connect_backoff_max"
+	keyConnectWait       = "resilient_connect_wait"
+	keyRetry             = "resilient_retry"
+	keyRejectReadOnly    = "resilient_reject_read_only"
 )
 
 // dsnKey is one claimable key and how it sets its Options field.
@@ -67,6 +74,34 @@ var dsnKeys = []dsnKey{
 	{keyMaxIdleTime, "a duration >= 0 such as 5m (0 = off)", durationKey(func(o *Options) *time.Duration { return &o.MaxIdleTime })},
 	{keyMaxOpenConns, "an integer >= 0 (0 = unlimited)", intKey(func(o *Options) *int { return &o.MaxOpenConns })},
 	{keyMaxIdleConns, "an integer >= 0", intKey(func(o *Options) *int { return &o.MaxIdleConns })},
+	{keyConnectTimeout, "a duration > 0 such as 30s", durationKey(func(o *Options) *time.Duration { return &o.ConnectTimeout })},
+	{keyConnectBackoff, "a duration > 0 such as 100ms", durationKey(func(o *Options) *time.Duration { return &o.ConnectBackoff })},
+	{keyConnectBackoffMax, "a duration > 0 such as 1s", durationKey(func(o *Options) *time.Duration { return &o.ConnectBackoffMax })},
+	{keyConnectWait, "a duration >= 0 such as 30s (0 = fail at once while the server is down)", durationKey(func(o *Options) *time.Duration { return &o.ConnectWait })},
+	{keyRetry, "safe or off", func(o *Options, v string) error {
+		switch v {
+		case "safe":
+			o.Retry = RetrySafe
+		case "off":
+			o.Retry = RetryOff
+		default:
+			return errBadValue
+		}
+		return nil
+	}},
+	{keyRejectReadOnly, "auto, true or false", func(o *Options, v string) error {
+		switch v {
+		case "auto":
+			o.RejectReadOnly = ReadOnlyAuto
+		case "true":
+			o.RejectReadOnly = ReadOnlyReject
+		case "false":
+			o.RejectReadOnly = ReadOnlyAllow
+		default:
+			return errBadValue
+		}
+		return nil
+	}},
 }
 
 // errBadValue stands for "not one of the allowed values"; ConfigError.Allowed

@@ -65,6 +65,16 @@ func TestDSNKeysParsed(t *testing.T) {
 		{keyMaxOpenConns, "20", func(o *Options) { o.MaxOpenConns = 20 }},
 		{keyMaxOpenConns, "0", func(o *Options) { o.MaxOpenConns = 0 }},
 		{keyMaxIdleConns, "4", func(o *Options) { o.MaxIdleConns = 4 }},
+		{keyConnectTimeout, "10s", func(o *Options) { o.ConnectTimeout = 10 * time.Second }},
+		{keyConnectBackoff, "50ms", func(o *Options) { o.ConnectBackoff = 50 * time.Millisecond }},
+		{keyConnectBackoffMax, "5s", func(o *Options) { o.ConnectBackoffMax = 5 * time.Second }},
+		{keyConnectWait, "0", func(o *Options) { o.ConnectWait = 0 }},
+		{keyConnectWait, "1m", func(o *Options) { o.ConnectWait = time.Minute }},
+		{keyRetry, "off", func(o *Options) { o.Retry = RetryOff }},
+		{keyRetry, "safe", func(o *Options) { o.Retry = RetrySafe }},
+		{keyRejectReadOnly, "true", func(o *Options) { o.RejectReadOnly = ReadOnlyReject }},
+		{keyRejectReadOnly, "false", func(o *Options) { o.RejectReadOnly = ReadOnlyAllow }},
+		{keyRejectReadOnly, "auto", func(o *Options) { o.RejectReadOnly = ReadOnlyAuto }},
 	}
 	for _, form := range dsnForms {
 		for _, tc := range cases {
@@ -114,6 +124,12 @@ func TestDSNKeysRejected(t *testing.T) {
 		{keyMaxOpenConns, "-1", "integer >= 0"},
 		{keyMaxOpenConns, "ten", "integer"},
 		{keyMaxIdleConns, "1.5", "integer"},
+		{keyConnectTimeout, "0", "duration > 0"},
+		{keyConnectBackoff, "0s", "duration > 0"},
+		{keyConnectBackoffMax, "10ms", "resilient_connect_backoff"},
+		{keyConnectWait, "-1s", "duration >= 0"},
+		{keyRetry, "always", "safe or off"},
+		{keyRejectReadOnly, "yes", "auto, true or false"},
 		{"resilient_pingg", "always", "one of resilient_ping, "},
 		{"RESILIENT_PING", "always", "one of resilient_ping, "},
 		{"resilient_", "x", "one of"},
@@ -239,6 +255,30 @@ func TestPgxDriverDSNThroughNewConnector(t *testing.T) {
 
 // TestRegisteredPgxConfigName: names from stdlib.RegisterConnConfig work as
 // they do with sql.Open("pgx", name).
+// TestRejectReadOnlyAuto: auto means "on" exactly when the DSN asks for a
+// writable server.
+func TestRejectReadOnlyAuto(t *testing.T) {
+	for _, tc := range []struct {
+		dsn  string
+		want bool
+	}{
+		{"postgres://a,b/db?target_session_attrs=read-write", true},
+		{"host=a,b dbname=db target_session_attrs=primary", true},
+		{"postgres://a,b/db?target_session_attrs=any", false},
+		{"postgres://a/db", false},
+		{"postgres://a/db?resilient_reject_read_only=true", true},
+		{"postgres://a,b/db?target_session_attrs=read-write&resilient_reject_read_only=false", false},
+	} {
+		c, err := pgDriver.connector(tc.dsn, DefaultOptions(), false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if c.rejectReadOnly != tc.want {
+			t.Errorf("%s: reject read-only = %v, want %v", tc.dsn, c.rejectReadOnly, tc.want)
+		}
+	}
+}
+
 func TestRegisteredPgxConfigName(t *testing.T) {
 	cfg, err := pgx.ParseConfig("postgres://h/db")
 	if err != nil {

@@ -99,6 +99,46 @@ type Options struct {
 	// *sql.DB default.
 	MaxOpenConns int
 	MaxIdleConns int
+
+	// ConnectTimeout bounds a Connect whose context has no deadline
+	// (database/sql's opener uses one that never ends) (resilient_connect_timeout).
+	ConnectTimeout time.Duration
+	// ConnectBackoff and ConnectBackoffMax shape the waits between probe
+	// connects while the server is down (resilient_connect_backoff,
+	// resilient_connect_backoff_max).
+	ConnectBackoff    time.Duration
+	ConnectBackoffMax time.Duration
+	// ConnectWait is how long a Connect waits for a server known to be
+	// down, within its context; 0 fails at once (resilient_connect_wait).
+	ConnectWait time.Duration
+	// Retry is the statement retry policy (resilient_retry).
+	Retry RetryPolicy
+	// RejectReadOnly discards, and invalidates the pool on, a read-only
+	// error: a demoted primary (resilient_reject_read_only).
+	RejectReadOnly ReadOnlyPolicy
+}
+
+// ReadOnlyPolicy says whether a read-only error means a failover.
+type ReadOnlyPolicy uint8
+
+const (
+	// ReadOnlyAuto rejects when the DSN asks for a writable server
+	// (PostgreSQL target_session_attrs=read-write or primary).
+	ReadOnlyAuto ReadOnlyPolicy = iota
+	// ReadOnlyReject always treats a read-only error as a demoted primary.
+	ReadOnlyReject
+	// ReadOnlyAllow passes read-only errors through like any SQL error.
+	ReadOnlyAllow
+)
+
+func (p ReadOnlyPolicy) String() string {
+	switch p {
+	case ReadOnlyReject:
+		return "true"
+	case ReadOnlyAllow:
+		return "false"
+	}
+	return "auto"
 }
 
 // Defaults, chosen in the README's "Choosing the defaults".
@@ -107,6 +147,11 @@ const (
 	defaultPingTimeout = 2 * time.Second
 	defaultMaxAge      = 30 * time.Minute
 	defaultJitterPct   = 10
+
+	defaultConnectTimeout    = 30 * time.Second
+	defaultConnectBackoff    = 100 * time.Millisecond
+	defaultConnectBackoffMax = time.Second
+	defaultConnectWait       = 30 * time.Second
 )
 
 // DefaultOptions returns the options a DSN without resilient_ keys gets.
@@ -119,6 +164,11 @@ func DefaultOptions() Options {
 		MaxAgeJitter: JitterPercent(defaultJitterPct),
 		MaxOpenConns: Unset,
 		MaxIdleConns: Unset,
+
+		ConnectTimeout:    defaultConnectTimeout,
+		ConnectBackoff:    defaultConnectBackoff,
+		ConnectBackoffMax: defaultConnectBackoffMax,
+		ConnectWait:       defaultConnectWait,
 	}
 }
 
@@ -151,6 +201,25 @@ func (o *Options) validate() error {
 	}
 	if o.MaxIdleTime < 0 {
 		return &ConfigError{Key: keyMaxIdleTime, Value: o.MaxIdleTime.String(), Allowed: "a duration >= 0 (0 = off)"}
+	}
+	if o.ConnectTimeout <= 0 {
+		return &ConfigError{Key: keyConnectTimeout, Value: o.ConnectTimeout.String(), Allowed: "a duration > 0"}
+	}
+	if o.ConnectBackoff <= 0 {
+		return &ConfigError{Key: keyConnectBackoff, Value: o.ConnectBackoff.String(), Allowed: "a duration > 0"}
+	}
+	if o.ConnectBackoffMax < o.ConnectBackoff {
+		return &ConfigError{Key: keyConnectBackoffMax, Value: o.ConnectBackoffMax.String(),
+			Allowed: "a duration >= resilient_connect_backoff (" + o.ConnectBackoff.String() + ")"}
+	}
+	if o.ConnectWait < 0 {
+		return &ConfigError{Key: keyConnectWait, Value: o.ConnectWait.String(), Allowed: "a duration >= 0 (0 = fail at once)"}
+	}
+	if o.Retry > RetryOff {
+		return &ConfigError{Key: keyRetry, Value: o.Retry.String(), Allowed: "safe or off"}
+	}
+	if o.RejectReadOnly > ReadOnlyAllow {
+		return &ConfigError{Key: keyRejectReadOnly, Value: o.RejectReadOnly.String(), Allowed: "auto, true or false"}
 	}
 	if o.MaxOpenConns < Unset {
 		return &ConfigError{Key: keyMaxOpenConns, Value: strconv.Itoa(o.MaxOpenConns), Allowed: "an integer >= 0 (0 = unlimited)"}

@@ -16,6 +16,7 @@ var (
 	ErrMaxAge       = fmt.Errorf("resilientpg: connection past its max age: %w", driver.ErrBadConn)
 	ErrMaxIdle      = fmt.Errorf("resilientpg: connection idle past max idle time: %w", driver.ErrBadConn)
 	ErrServerClosed = fmt.Errorf("resilientpg: server closed the idle connection: %w", driver.ErrBadConn)
+	ErrInvalidated  = fmt.Errorf("resilientpg: connection older than a server restart or failover: %w", driver.ErrBadConn)
 )
 
 // ResetSession runs at every checkout of a used connection, cheapest check
@@ -38,6 +39,10 @@ func (c *conn) ResetSession(ctx context.Context) error {
 	if c.bad.Load() {
 		return ErrMarkedBad
 	}
+	if c.gen != c.c.gen.Load() {
+		return ErrInvalidated
+	}
+	c.txOpen = false // database/sql hands out a conn only after its transaction ended
 	now := time.Now()
 	if c.life.expired(now) {
 		return ErrMaxAge
@@ -120,7 +125,7 @@ func (c *conn) usable() bool {
 // a transaction (a rollback that failed after a cancelled ctx) is not valid.
 // It also stamps the return time, from which checkout measures idleness.
 func (c *conn) IsValid() bool {
-	if c.bad.Load() {
+	if c.bad.Load() || c.gen != c.c.gen.Load() {
 		return false
 	}
 	now := time.Now()
@@ -134,5 +139,6 @@ func (c *conn) IsValid() bool {
 		return false
 	}
 	c.lastActive = now
+	c.txOpen = false
 	return true
 }

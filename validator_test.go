@@ -61,7 +61,7 @@ func TestResetSessionBranches(t *testing.T) {
 			want: want{err: driver.ErrBadConn, badConn: true, innerRsts: 1}},
 		{name: "inner reset other error passes through", setup: func(f *fakeConn, _ *conn) { f.resetErr = errBoom },
 			want: want{err: errBoom, innerRsts: 1, valid: true}},
-		{name: "marked bad by a failed query", setup: func(_ *fakeConn, c *conn) { c.observe(driver.ErrBadConn) },
+		{name: "marked bad by a failed query", setup: func(_ *fakeConn, c *conn) { c.handleErr(context.Background(), driver.ErrBadConn, false) },
 			want: want{err: ErrMarkedBad, badConn: true}},
 		{name: "caller's ctx already ended: keep conn, no ping", idle: 2 * time.Second,
 			ctx: func() (context.Context, context.CancelFunc) {
@@ -224,10 +224,10 @@ func TestIsValid(t *testing.T) {
 			t.Fatal("conn valid at its max age")
 		}
 		w2, _ := connect(c, f)
-		if w2.observe(errBoom); !w2.IsValid() {
+		if w2.handleErr(context.Background(), errBoom, false); !w2.IsValid() {
 			t.Fatal("an ordinary error marked the conn bad")
 		}
-		if w2.observe(driver.ErrBadConn); w2.IsValid() {
+		if w2.handleErr(context.Background(), driver.ErrBadConn, false); w2.IsValid() {
 			t.Fatal("ErrBadConn did not mark the conn bad")
 		}
 	})

@@ -1,0 +1,195 @@
+package resilientpg
+
+import (
+	"context"
+	"database/sql/driver"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/go-sql-driver/mysql"
+	"github.com/jackc/pgx/v5/pgconn"
+)
+
+// dialGate keeps a connector from hammering a server that is down. While
+// the server answers, every Connect dials on its own. Once a dial fails
+// with a retryable class the gate closes: one caller at a time probes,
+// after a capped, jittered backoff, and the others wait for its outcome
+// instead of dialing. The first successful probe opens the gate again.
+type dialGate struct {
+	mu        sync.Mutex
+	down      bool          // guarded by mu: the last dial failed retryably
+	probe     chan struct{} // guarded by mu: closed when the running probe ends; nil when none runs
+	notBefore time.Time     // guarded by mu: the next probe waits until then
+	bo        backoff       // guarded by mu
+	lastErr   error         // guarded by mu: the error that closed the gate, or the last probe's
+	restarted bool          // guarded by mu: a refusal was seen while down, so recovery means a new server
+
+	dials atomic.Int64 // every dial, for Stats
+}
+
+// ServerDownError is returned by Connect when the server is known to be
+// unreachable and resilient_connect_wait does not allow waiting for it, or
+// the wait ran out. It unwraps to the last dial error.
+type ServerDownError struct {
+	Since time.Time // when the gate closed
+	Err   error     // the last dial error
+}
+
+func (e *ServerDownError) Error() string {
+	return fmt.Sprintf("resilientpg: server unreachable since %s: %v", e.Since.Format(time.RFC3339Nano), e.Err)
+}
+
+func (e *ServerDownError) Unwrap() error { return e.Err }
+
+// Connect opens an inner connection through the gate and wraps it.
+func (c *Connector) Connect(ctx context.Context) (driver.Conn, error) {
+	if _, ok := ctx.Deadline(); !ok {
+		// database/sql's opener goroutine connects with a context that is
+		// never cancelled: the budget is what bounds it.
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, c.opts.ConnectTimeout)
+		defer cancel()
+	}
+	g := &c.gate
+	var downSince time.Time
+	for {
+		g.mu.Lock()
+		if !g.down {
+			g.mu.Unlock()
+			inner, err := c.dial(ctx)
+			if err == nil {
+				return c.wrap(inner), nil
+			}
+			if !retryableConnect(err) || ctx.Err() != nil {
+				return nil, connectErr(err)
+			}
+			g.mu.Lock()
+			if !g.down {
+				g.close(err)
+			}
+			g.mu.Unlock()
+			continue
+		}
+		if downSince.IsZero() {
+			downSince = time.Now()
+		}
+		if c.opts.ConnectWait == 0 || time.Since(downSince) > c.opts.ConnectWait {
+			err := g.lastErr
+			g.mu.Unlock()
+			return nil, &ServerDownError{Since: downSince, Err: err}
+		}
+		if ch := g.probe; ch != nil {
+			g.mu.Unlock()
+			select {
+			case <-ch:
+				continue // the probe ended: the gate is open, or it is our turn
+			case <-ctx.Done():
+				return nil, c.waitErr(ctx)
+			}
+		}
+		// This caller probes; the others wait on ch.
+		ch := make(chan struct{})
+		g.probe = ch
+		wait := time.Until(g.notBefore)
+		g.mu.Unlock()
+
+		err := sleepCtx(ctx, wait)
+		var inner driver.Conn
+		if err == nil {
+			inner, err = c.dial(ctx)
+		}
+		g.mu.Lock()
+		g.probe = nil
+		close(ch)
+		switch {
+		case err == nil:
+			if g.restarted {
+				// Refused, then accepted: a new server. Connections from before
+				// belong to the old one.
+				c.invalidate()
+			}
+			g.open()
+			g.mu.Unlock()
+			return c.wrap(inner), nil
+		case ctx.Err() != nil:
+			g.mu.Unlock()
+			return nil, c.waitErr(ctx)
+		case !retryableConnect(err):
+			g.open() // the server answered, if only to refuse us: it is up
+			g.mu.Unlock()
+			return nil, connectErr(err)
+		}
+		g.fail(err)
+		g.mu.Unlock()
+	}
+}
+
+// close marks the server down after a retryable dial failure. mu is held.
+func (g *dialGate) close(err error) {
+	g.down = true
+	g.bo.reset()
+	g.fail(err)
+}
+
+// fail records a failed dial and schedules the next probe. mu is held.
+func (g *dialGate) fail(err error) {
+	g.lastErr = err
+	if serverGone(err) {
+		g.restarted = true
+	}
+	g.notBefore = time.Now().Add(g.bo.next())
+}
+
+// serverGone reports whether a failed dial shows the server process itself
+// away or changing: refused, starting up or shutting down. "Too many
+// connections" does not: the same server is still there, and so is every
+// pooled connection to it.
+func serverGone(err error) bool {
+	if errors.Is(err, syscall.ECONNREFUSED) {
+		return true
+	}
+	if pe, ok := errors.AsType[*pgconn.PgError](err); ok {
+		return pe.Code == "57P03" || pe.Code == "57P01" || pe.Code == "57P02"
+	}
+	if me, ok := errors.AsType[*mysql.MySQLError](err); ok {
+		return me.Number == 1053
+	}
+	return false
+}
+
+// open marks the server up. mu is held.
+func (g *dialGate) open() {
+	g.down, g.restarted, g.lastErr = false, false, nil
+	g.bo.reset()
+}
+
+func (c *Connector) dial(ctx context.Context) (driver.Conn, error) {
+	c.gate.dials.Add(1)
+	return c.inner.Connect(ctx)
+}
+
+// waitErr is the error of a caller whose context ended while the server
+// was down: both the context's error and the server's are in the chain.
+func (c *Connector) waitErr(ctx context.Context) error {
+	c.gate.mu.Lock()
+	last := c.gate.lastErr
+	c.gate.mu.Unlock()
+	if last == nil {
+		return context.Cause(ctx)
+	}
+	return fmt.Errorf("resilientpg: connect: %w while the server was unreachable: %w", context.Cause(ctx), last)
+}
+
+// connectErr keeps driver.ErrBadConn out of Connect's result, as the
+// driver.Connector contract requires: database/sql would take it for a
+// failed pooled connection and retry.
+func connectErr(err error) error {
+	if errors.Is(err, driver.ErrBadConn) {
+		return fmt.Errorf("resilientpg: connect: %s", err.Error())
+	}
+	return err
+}

@@ -1,0 +1,186 @@
+package resilientpg
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"testing/synctest"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgconn"
+)
+
+var errRefused = fmt.Errorf("dial: %w", &net.OpError{Op: "dial", Net: "tcp", Err: os.NewSyscallError("connect", syscall.ECONNREFUSED)})
+
+func (f *fakeConnector) setConnectErr(err error) {
+	f.mu.Lock()
+	f.connectErr = err
+	f.mu.Unlock()
+}
+
+func TestBackoffBounds(t *testing.T) {
+	b := backoff{initial: 100 * time.Millisecond, max: time.Second}
+	for n := range 200 {
+		d := b.next()
+		ceil := min(time.Second, 100*time.Millisecond<<min(n, 20))
+		if d < 0 || d > ceil {
+			t.Fatalf("wait %d = %v, want within [0, %v]", n, d, ceil)
+		}
+	}
+	// Full jitter: draws at the cap spread over the whole range.
+	b = backoff{initial: time.Second, max: time.Second}
+	var low, high int
+	for range 2000 {
+		switch d := b.next(); {
+		case d < 250*time.Millisecond:
+			low++
+		case d > 750*time.Millisecond:
+			high++
+		}
+	}
+	if low < 350 || high < 350 {
+		t.Fatalf("draws not spread over [0, cap]: %d below 25%%, %d above 75%%", low, high)
+	}
+	// A huge attempt count must not overflow into a negative or zero ceiling.
+	b = backoff{initial: time.Hour, max: 2 * time.Hour, attempt: 70}
+	if d := b.next(); d < 0 || d > 2*time.Hour {
+		t.Fatalf("overflowing attempt: %v", d)
+	}
+}
+
+// TestGateSingleFlight: while the server refuses, 50 concurrent Connect
+// calls cause one dial per backoff step, not one per caller, and all of
+// them succeed within one backoff cap once the server accepts again.
+func TestGateSingleFlight(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		c, f := newFakeConnector(shapePgx, opts(nil))
+		f.setConnectErr(errRefused)
+		const callers = 50
+		outage := 5 * time.Second
+		var wg sync.WaitGroup
+		var failed atomic.Int64
+		var lastOK atomic.Int64
+		start := time.Now()
+		for range callers {
+			wg.Go(func() {
+				ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+				defer cancel()
+				if _, err := c.Connect(ctx); err != nil {
+					failed.Add(1)
+					t.Errorf("Connect: %v", err)
+					return
+				}
+				lastOK.Store(int64(time.Since(start)))
+			})
+		}
+		time.Sleep(time.Millisecond)
+		firstWave := c.gate.dials.Load()
+		time.Sleep(outage - time.Millisecond)
+		during := c.gate.dials.Load() - firstWave
+		f.setConnectErr(nil)
+		wg.Wait()
+		if firstWave > callers {
+			t.Errorf("first wave: %d dials, want at most one per caller", firstWave)
+		}
+		// One probe per backoff step: the waits average at least a quarter of
+		// the cap once the ceiling reaches it, so 5 s hold far fewer than the
+		// callers' count.
+		if during > 20 {
+			t.Errorf("%d dials during a %v outage with %d waiting callers: want a few per second", during, outage, callers)
+		}
+		if took := time.Duration(lastOK.Load()) - outage; took > time.Second {
+			t.Errorf("last caller connected %v after recovery, want within one backoff cap (1s)", took)
+		}
+		t.Logf("first wave %d dials, %d during the outage, all %d connected %v after recovery",
+			firstWave, during, callers, time.Duration(lastOK.Load())-outage)
+	})
+}
+
+// TestGateRestartInvalidates: refused then accepted means a new server:
+// connections made before are discarded at checkout without a ping.
+func TestGateRestartInvalidates(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		c, f := newFakeConnector(shapePgx, opts(nil))
+		old, fc := connect(c, f)
+		f.setConnectErr(errRefused)
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		go func() {
+			time.Sleep(2 * time.Second)
+			f.setConnectErr(nil)
+		}()
+		dc, err := c.Connect(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := old.ResetSession(ctx); !errors.Is(err, ErrInvalidated) {
+			t.Fatalf("old conn checkout: %v, want ErrInvalidated", err)
+		}
+		if fc.pings.Load() != 0 {
+			t.Error("an invalidated conn was pinged")
+		}
+		if old.IsValid() {
+			t.Error("an invalidated conn is valid")
+		}
+		if err := dc.(*conn).ResetSession(ctx); err != nil {
+			t.Errorf("the new server's conn: %v", err)
+		}
+	})
+}
+
+// TestGateTooManyConnsKeepsPool: recovering from "too many connections"
+// is not a restart; the pool is kept.
+func TestGateTooManyConnsKeepsPool(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		c, f := newFakeConnector(shapePgx, opts(nil))
+		old, _ := connect(c, f)
+		f.setConnectErr(&pgconn.PgError{Code: "53300"})
+		go func() {
+			time.Sleep(time.Second)
+			f.setConnectErr(nil)
+		}()
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if _, err := c.Connect(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if err := old.ResetSession(ctx); err != nil {
+			t.Fatalf("old conn discarded after a too-many-connections spell: %v", err)
+		}
+	})
+}
+
+func TestGateFailsFast(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		ctx := context.Background()
+		// Auth errors: one dial, at once.
+		c, f := newFakeConnector(shapePgx, opts(nil))
+		f.setConnectErr(&pgconn.PgError{Code: "28P01"})
+		start := time.Now()
+		if _, err := c.Connect(ctx); Classify(err) != ClassAuth || time.Since(start) != 0 || c.gate.dials.Load() != 1 {
+			t.Errorf("auth error: err %v after %v and %d dials, want at once after 1", err, time.Since(start), c.gate.dials.Load())
+		}
+		// resilient_connect_wait=0: the second caller fails at once while down.
+		c, f = newFakeConnector(shapePgx, opts(func(o *Options) { o.ConnectWait = 0 }))
+		f.setConnectErr(errRefused)
+		_, err := c.Connect(ctx)
+		var sde *ServerDownError
+		if !errors.As(err, &sde) || !errors.Is(err, syscall.ECONNREFUSED) || time.Since(start) != 0 {
+			t.Errorf("connect_wait=0: err %v after %v, want a ServerDownError at once", err, time.Since(start))
+		}
+		// No deadline: ConnectTimeout bounds the wait.
+		c, f = newFakeConnector(shapePgx, opts(func(o *Options) { o.ConnectTimeout = 3 * time.Second }))
+		f.setConnectErr(errRefused)
+		start = time.Now()
+		_, err = c.Connect(ctx)
+		if !errors.Is(err, context.DeadlineExceeded) || !errors.Is(err, syscall.ECONNREFUSED) || time.Since(start) != 3*time.Second {
+			t.Errorf("no deadline: err %v after %v, want DeadlineExceeded and the refusal after 3s", err, time.Since(start))
+		}
+	})
+}

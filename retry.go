@@ -1,0 +1,154 @@
+package resilientpg
+
+import (
+	"context"
+	"database/sql/driver"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgconn"
+)
+
+// backoff is capped exponential backoff with full jitter: the n-th wait is
+// drawn uniformly from [0, min(max, initial*2^n)], which spreads clients
+// that failed together (AWS "Exponential Backoff And Jitter"). It is a
+// per-use value, not safe for concurrent use.
+type backoff struct {
+	initial, max time.Duration
+	attempt      int
+}
+
+func (b *backoff) next() time.Duration {
+	ceil := b.max
+	if b.attempt < 62 && b.initial<<b.attempt > 0 && b.initial<<b.attempt < b.max {
+		ceil = b.initial << b.attempt // the checks above clamp the shift's overflow
+	}
+	b.attempt++
+	return time.Duration(rand.Int64N(int64(ceil) + 1))
+}
+
+func (b *backoff) reset() { b.attempt = 0 }
+
+// sleepCtx waits d or until ctx ends, with one timer.
+func sleepCtx(ctx context.Context, d time.Duration) error {
+	if d <= 0 {
+		return ctx.Err()
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return context.Cause(ctx)
+	}
+}
+
+// retryableConnect reports whether a failed connect may be tried again.
+// Ordered guards, net/http style.
+func retryableConnect(err error) bool {
+	switch Classify(err) {
+	case ClassCannotConnect:
+		return true // refused, starting up, too many connections: it may heal soon
+	case ClassConnLost, ClassShutdown:
+		return true // reset during the handshake, or the server is going down: same
+	case ClassCanceled:
+		return false // the caller gave up
+	case ClassAuth:
+		return false // wrong credentials or database: retrying only delays the error
+	}
+	return false // conservatively: configuration, TLS, unknown errors fail at once
+}
+
+// RetryPolicy says which failed statements the wrapper may have
+// database/sql run again on another connection.
+type RetryPolicy uint8
+
+const (
+	// RetrySafe retries only what provably did not execute: a statement
+	// rejected by a read-only server outside a transaction, or one the
+	// caller marked idempotent with WithIdempotent.
+	RetrySafe RetryPolicy = iota
+	// RetryOff turns the wrapper's own retries off. database/sql still
+	// retries what the inner driver reports as driver.ErrBadConn (nothing
+	// was sent).
+	RetryOff
+)
+
+func (p RetryPolicy) String() string {
+	if p == RetryOff {
+		return "off"
+	}
+	return "safe"
+}
+
+type idempotentKey struct{}
+
+// WithIdempotent marks the statements run with ctx as safe to run twice
+// (a SELECT, an upsert, an insert with a unique key the caller checks). A
+// statement so marked that loses its connection mid-flight, outside a
+// transaction, is retried on another connection; unmarked, it fails,
+// because the server may have executed it.
+func WithIdempotent(ctx context.Context) context.Context {
+	return context.WithValue(ctx, idempotentKey{}, true)
+}
+
+func isIdempotent(ctx context.Context) bool {
+	v, _ := ctx.Value(idempotentKey{}).(bool)
+	return v
+}
+
+// retryStatement decides whether a statement that failed with err may be
+// run again on another connection, that is, whether the wrapper may report
+// driver.ErrBadConn to database/sql. A write must never run twice: when in
+// doubt, do not retry.
+func (c *conn) retryStatement(ctx context.Context, err error, class Class, inTx bool) bool {
+	if c.c.opts.Retry == RetryOff {
+		return false // the user turned the wrapper's retries off
+	}
+	if inTx {
+		return false // earlier statements of the transaction ran on this connection: only the caller can rerun it whole
+	}
+	if pgconn.SafeToRetry(err) {
+		return true // pgconn proves nothing was sent
+	}
+	if class == ClassReadOnly && c.c.rejectReadOnly {
+		return true // rejected by a demoted primary: not executed
+	}
+	if isIdempotent(ctx) && (class == ClassConnLost || class == ClassShutdown || class == ClassSessionTimeout) {
+		return true // ambiguous, but the caller vouched it may run twice
+	}
+	return false // conservatively: it may have executed
+}
+
+// handleErr runs on every failed statement: it marks the connection bad on
+// a disconnect, invalidates the pool on a server-wide event, and turns the
+// error into a retry (wrapping driver.ErrBadConn) only when retryStatement
+// allows it. The original error stays in the chain for errors.Is/As.
+func (c *conn) handleErr(ctx context.Context, err error, inTx bool) error {
+	class := Classify(err)
+	switch {
+	case class == ClassReadOnly && c.c.rejectReadOnly:
+		// A demoted primary: every connection made before now may point at
+		// it, so the pool reconnects (multi-host DSNs then find the new one).
+		c.bad.Store(true)
+		c.c.invalidate()
+	case serverWide(err):
+		c.bad.Store(true)
+		c.c.invalidate()
+	case class == ClassConnLost || class == ClassShutdown || class == ClassSessionTimeout:
+		c.bad.Store(true)
+	case c.pg != nil && c.pg.IsClosed():
+		c.bad.Store(true)
+	}
+	if errors.Is(err, driver.ErrBadConn) {
+		c.bad.Store(true)
+		return err // already a retry, by the driver's own proof
+	}
+	if c.retryStatement(ctx, err, class, inTx) {
+		return fmt.Errorf("resilientpg: retrying on another connection: %w: %w", driver.ErrBadConn, err)
+	}
+	return err
+}
