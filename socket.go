@@ -28,7 +28,7 @@ type sockCheck struct {
 	plaintext bool // bytes are PostgreSQL protocol, not TLS records
 	buf       [1]byte
 	state     sockState
-	fn        func(fd uintptr) bool // s.peek bound once; a fresh closure per call would allocate
+	fn        func(fd uintptr) // s.peek bound once; a fresh closure per call would allocate
 }
 
 // newSockCheck returns a check for c, or nil when c does not expose its
@@ -53,16 +53,21 @@ func newSockCheck(c net.Conn) *sockCheck {
 
 // check reports the socket's state. Only call it while the connection is
 // idle and owned by the caller (database/sql's driverConn lock).
+//
+// It runs under RawConn.Control, which pins the descriptor against close
+// but takes no read lock: pgconn may leave a background reader goroutine
+// parked in Read on an idle connection (after a write slower than 15 ms),
+// and RawConn.Read would wait for that reader, that is for the server to
+// send something, forever. A non-blocking peek needs no lock.
 func (s *sockCheck) check() sockState {
-	if err := s.raw.Read(s.fn); err != nil {
+	if err := s.raw.Control(s.fn); err != nil {
 		return sockClosed // the descriptor is already closed
 	}
 	return s.state
 }
 
-// peek runs inside RawConn.Read; returning true means "done, do not wait for
-// readability".
-func (s *sockCheck) peek(fd uintptr) bool {
+// peek runs inside RawConn.Control.
+func (s *sockCheck) peek(fd uintptr) {
 	n, _, err := syscall.Recvfrom(int(fd), s.buf[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
 	switch {
 	case err == syscall.EAGAIN || err == syscall.EWOULDBLOCK:
@@ -79,5 +84,4 @@ func (s *sockCheck) peek(fd uintptr) bool {
 	default:
 		s.state = sockPending
 	}
-	return true
 }
