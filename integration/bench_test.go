@@ -1,0 +1,200 @@
+package integration
+
+import (
+	"context"
+	"database/sql"
+	"database/sql/driver"
+	"errors"
+	"fmt"
+	"runtime"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5/stdlib"
+
+	"github.com/resilientpg/resilientpg"
+)
+
+// benchDrivers are compared side by side: pgx alone, and pgx wrapped.
+var benchDrivers = []string{"pgx", "resilientpg"}
+
+// openBenchDB opens a pool whose idle list is large enough that every
+// operation reuses a pooled connection (a checkout, hence ResetSession, on
+// each one), and warms it.
+func openBenchDB(b *testing.B, driverName, dsn string) *sql.DB {
+	b.Helper()
+	db := openDB(b, driverName, dsn)
+	n := 4 * runtime.GOMAXPROCS(0)
+	db.SetMaxOpenConns(n)
+	db.SetMaxIdleConns(n)
+	if err := db.PingContext(context.Background()); err != nil {
+		b.Fatal(err)
+	}
+	return db
+}
+
+func BenchmarkQueryRow(b *testing.B) {
+	dsn := requirePostgres(b)
+	for _, d := range benchDrivers {
+		b.Run(d, func(b *testing.B) {
+			db := openBenchDB(b, d, dsn)
+			ctx := context.Background()
+			b.ReportAllocs()
+			for b.Loop() {
+				var n int
+				if err := db.QueryRowContext(ctx, "SELECT 1").Scan(&n); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+func BenchmarkExec(b *testing.B) {
+	dsn := requirePostgres(b)
+	for _, d := range benchDrivers {
+		b.Run(d, func(b *testing.B) {
+			db := openBenchDB(b, d, dsn)
+			ctx := context.Background()
+			b.ReportAllocs()
+			for b.Loop() {
+				if _, err := db.ExecContext(ctx, "SELECT 1"); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+func BenchmarkQueryRowParallel(b *testing.B) {
+	dsn := requirePostgres(b)
+	for _, d := range benchDrivers {
+		b.Run(d, func(b *testing.B) {
+			db := openBenchDB(b, d, dsn)
+			ctx := context.Background()
+			b.ReportAllocs()
+			b.RunParallel(func(pb *testing.PB) {
+				for pb.Next() {
+					var n int
+					if err := db.QueryRowContext(ctx, "SELECT 1").Scan(&n); err != nil {
+						b.Error(err)
+						return
+					}
+				}
+			})
+		})
+	}
+}
+
+// resetSessionOnUsedConn checks out one connection, uses it, and hands the
+// driver conn (the wrapper, or bare pgx's) to f inside sql.Conn.Raw, which
+// holds the connection's lock as database/sql does around ResetSession.
+func resetSessionOnUsedConn(tb testing.TB, driverName string, f func(r driver.SessionResetter)) {
+	tb.Helper()
+	dsn := requirePostgres(tb)
+	db := openDB(tb, driverName, dsn)
+	ctx := context.Background()
+	sc, err := db.Conn(ctx)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer sc.Close()
+	var one int
+	if err := sc.QueryRowContext(ctx, "SELECT 1").Scan(&one); err != nil {
+		tb.Fatal(err)
+	}
+	err = sc.Raw(func(dc any) error {
+		r, ok := dc.(driver.SessionResetter)
+		if !ok {
+			return errors.New("driver conn is not a driver.SessionResetter")
+		}
+		f(r)
+		return nil
+	})
+	if err != nil {
+		tb.Fatal(err)
+	}
+}
+
+// BenchmarkResetSessionFastPath measures a checkout of a connection used a
+// moment ago (no ping due): for the wrapper, the age and idle checks, the
+// socket peek and pgx's own reset.
+func BenchmarkResetSessionFastPath(b *testing.B) {
+	for _, d := range benchDrivers {
+		b.Run(d, func(b *testing.B) {
+			resetSessionOnUsedConn(b, d, func(r driver.SessionResetter) {
+				ctx := context.Background()
+				b.ReportAllocs()
+				for b.Loop() {
+					if err := r.ResetSession(ctx); err != nil {
+						b.Fatal(err)
+					}
+				}
+			})
+		})
+	}
+}
+
+// TestResetSessionFastPathAllocs asserts that the wrapper's checkout of a
+// healthy, recently used connection allocates nothing, on a real pgx conn
+// with a real socket to peek at. It then terminates that very backend and
+// checks that the same call, still with no ping due, now discards the conn:
+// the path measured did look at the socket.
+func TestResetSessionFastPathAllocs(t *testing.T) {
+	e := pgEngine{}
+	e.require(t)
+	ctx := ctxT(t, 30*time.Second)
+	p := e.open(t, "resilientpg")
+	kill := e.killer(ctx, t, p, 1)
+	sc, err := p.db.Conn(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sc.Close()
+	var pid int64
+	if err := sc.QueryRowContext(ctx, "SELECT pg_backend_pid()").Scan(&pid); err != nil {
+		t.Fatal(err)
+	}
+	withResetter := func(f func(r driver.SessionResetter)) {
+		t.Helper()
+		err := sc.Raw(func(dc any) error {
+			r, ok := dc.(driver.SessionResetter)
+			if !ok {
+				return fmt.Errorf("driver conn %T is not a driver.SessionResetter", dc)
+			}
+			if _, ok := resilientpg.UnwrapConn(dc).(*stdlib.Conn); !ok {
+				return fmt.Errorf("inner conn is a %T, want a real *stdlib.Conn", resilientpg.UnwrapConn(dc))
+			}
+			f(r)
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	withResetter(func(r driver.SessionResetter) {
+		bg := context.Background()
+		var err error
+		allocs := testing.AllocsPerRun(1000, func() {
+			if e := r.ResetSession(bg); e != nil && err == nil {
+				err = e
+			}
+		})
+		if err != nil {
+			t.Fatalf("ResetSession on a healthy conn: %v", err)
+		}
+		if allocs != 0 {
+			t.Errorf("ResetSession fast path: %v allocs/op, want 0", allocs)
+		}
+	})
+
+	kill([]int64{pid})
+	withResetter(func(r driver.SessionResetter) {
+		err := r.ResetSession(context.Background())
+		if !errors.Is(err, driver.ErrBadConn) {
+			t.Fatalf("ResetSession after pg_terminate_backend = %v, want an error wrapping driver.ErrBadConn", err)
+		}
+		t.Logf("after pg_terminate_backend(%d): %v", pid, err)
+	})
+}
