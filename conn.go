@@ -76,6 +76,12 @@ func newConn(c *Connector, inner driver.Conn, now time.Time) *conn {
 	if sc, ok := inner.(*stdlib.Conn); ok {
 		w.pg = sc.Conn().PgConn()
 		w.sock = newSockCheck(w.pg.Conn())
+		if c.ownsPgx {
+			// Our own pgx connector has no reset hook and no ping, so its
+			// ResetSession is only the closed and transaction checks,
+			// which checkout does itself.
+			w.resetter = nil
+		}
 	}
 	return w
 }

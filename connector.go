@@ -25,6 +25,7 @@ type Connector struct {
 	drv            *Driver
 	opts           Options
 	rejectReadOnly bool // RejectReadOnly resolved against the DSN
+	ownsPgx        bool // inner is a pgx connector this package built
 
 	gen  atomic.Uint64 // bumped by invalidate; a conn of an older one is discarded
 	gate dialGate

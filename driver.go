@@ -116,7 +116,9 @@ func (d *Driver) connector(dsn string, o Options, poolSizing bool) (*Connector, 
 	if err != nil {
 		return nil, err
 	}
-	return newConnectorFrom(inner, d, o, writable), nil
+	c := newConnectorFrom(inner, d, o, writable)
+	c.ownsPgx = d == pgDriver
+	return c, nil
 }
 
 // genericDriver wraps a driver whose DSN grammar the wrapper does not know:

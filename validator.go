@@ -16,6 +16,7 @@ var (
 	ErrMaxAge       = fmt.Errorf("resilientpg: connection past its max age: %w", driver.ErrBadConn)
 	ErrMaxIdle      = fmt.Errorf("resilientpg: connection idle past max idle time: %w", driver.ErrBadConn)
 	ErrServerClosed = fmt.Errorf("resilientpg: server closed the idle connection: %w", driver.ErrBadConn)
+	ErrLeftInTx     = fmt.Errorf("resilientpg: connection closed or left inside a transaction: %w", driver.ErrBadConn)
 	ErrInvalidated  = fmt.Errorf("resilientpg: connection older than a server restart or failover: %w", driver.ErrBadConn)
 )
 
@@ -28,8 +29,8 @@ var (
 //  1. marked bad, past max age, idle past max idle time: discard, no I/O;
 //  2. a non-blocking peek at the socket: closed or holding a server's
 //     farewell error: discard; holding other data: ping;
-//  3. the inner driver's reset (pgx: closed or in a transaction; mysql:
-//     its own socket read);
+//  3. closed or left inside a transaction (pgx), then the inner driver's
+//     reset (mysql: its own socket read);
 //  4. a round-trip ping if the policy says one is due, bounded by the
 //     smaller of the caller's deadline and PingTimeout.
 //
@@ -61,6 +62,10 @@ func (c *conn) ResetSession(ctx context.Context) error {
 		case sockPending:
 			ping = true // a notification or a farewell: only a round trip tells
 		}
+	}
+	if c.pg != nil && (c.pg.IsClosed() || c.pg.TxStatus() != 'I') {
+		c.bad.Store(true)
+		return ErrLeftInTx // closed conns were caught by the socket check
 	}
 	if c.resetter != nil {
 		if err := c.resetter.ResetSession(ctx); err != nil {
