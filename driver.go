@@ -35,8 +35,14 @@
 // opened together are not all replaced at once. db.SetConnMaxLifetime still
 // applies on top; whichever is shorter wins.
 //
-// Nothing that may have reached the server is ever re-executed by this
-// package: it only discards connections at checkout and return.
+// When a statement fails, a disconnect marks its connection bad, and a
+// server-wide event (crash, shutdown, restart, a demoted primary) retires
+// every older connection. The wrapper lets database/sql run a statement
+// again only when it provably did not execute: nothing was sent, or a
+// read-only server rejected it outside a transaction; a mid-flight
+// disconnect is retried only for contexts marked with WithIdempotent.
+// While the server is down, one probe connect per pool is in flight, with
+// capped, jittered backoff, and other requests wait for it.
 //
 // # Reaching the driver's connection
 //
