@@ -23,7 +23,7 @@ import (
 	"text/tabwriter"
 	"time"
 
-	_ "github.com/go-sql-driver/mysql"
+	"github.com/go-sql-driver/mysql"
 	_ "github.com/jackc/pgx/v5/stdlib"
 
 	_ "github.com/resilientpg/resilientpg"
@@ -40,6 +40,8 @@ func main() {
 	useMySQL := flag.Bool("mysql", false, "use a throwaway MariaDB instead of PostgreSQL")
 	dsn := flag.String("dsn", "", "use this existing PostgreSQL (session-kill faults only)")
 	flag.Parse()
+	// The driver logs every broken connection; the table says it better.
+	mysql.SetLogger(&mysql.NopLogger{})
 	if err := run(*useMySQL, *dsn); err != nil {
 		fmt.Fprintln(os.Stderr, "resilientpg-demo:", err)
 		os.Exit(1)
