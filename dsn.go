@@ -39,19 +39,8 @@ type dsnKey struct {
 }
 
 var dsnKeys = []dsnKey{
-	{keyPing, "always, idle or never", func(o *Options, v string) error {
-		switch v {
-		case "always":
-			o.Ping = PingAlways
-		case "idle":
-			o.Ping = PingIdle
-		case "never":
-			o.Ping = PingNever
-		default:
-			return errBadValue
-		}
-		return nil
-	}},
+	{keyPing, "always, idle or never", enumKey(func(o *Options) *PingPolicy { return &o.Ping },
+		map[string]PingPolicy{"always": PingAlways, "idle": PingIdle, "never": PingNever})},
 	{keyPingIdle, "a duration >= 0 such as 1s or 500ms", durationKey(func(o *Options) *time.Duration { return &o.PingIdle })},
 	{keyPingTimeout, "a duration > 0 such as 2s or 500ms", durationKey(func(o *Options) *time.Duration { return &o.PingTimeout })},
 	{keyMaxAge, "a duration >= 0 such as 30m (0 = off)", durationKey(func(o *Options) *time.Duration { return &o.MaxAge })},
@@ -78,35 +67,28 @@ var dsnKeys = []dsnKey{
 	{keyConnectBackoff, "a duration > 0 such as 100ms", durationKey(func(o *Options) *time.Duration { return &o.ConnectBackoff })},
 	{keyConnectBackoffMax, "a duration > 0 such as 1s", durationKey(func(o *Options) *time.Duration { return &o.ConnectBackoffMax })},
 	{keyConnectWait, "a duration >= 0 such as 30s (0 = fail at once while the server is down)", durationKey(func(o *Options) *time.Duration { return &o.ConnectWait })},
-	{keyRetry, "safe or off", func(o *Options, v string) error {
-		switch v {
-		case "safe":
-			o.Retry = RetrySafe
-		case "off":
-			o.Retry = RetryOff
-		default:
-			return errBadValue
-		}
-		return nil
-	}},
-	{keyRejectReadOnly, "auto, true or false", func(o *Options, v string) error {
-		switch v {
-		case "auto":
-			o.RejectReadOnly = ReadOnlyAuto
-		case "true":
-			o.RejectReadOnly = ReadOnlyReject
-		case "false":
-			o.RejectReadOnly = ReadOnlyAllow
-		default:
-			return errBadValue
-		}
-		return nil
-	}},
+	{keyRetry, "safe or off", enumKey(func(o *Options) *RetryPolicy { return &o.Retry },
+		map[string]RetryPolicy{"safe": RetrySafe, "off": RetryOff})},
+	{keyRejectReadOnly, "auto, true or false", enumKey(func(o *Options) *ReadOnlyPolicy { return &o.RejectReadOnly },
+		map[string]ReadOnlyPolicy{"auto": ReadOnlyAuto, "true": ReadOnlyReject, "false": ReadOnlyAllow})},
 }
 
 // errBadValue stands for "not one of the allowed values"; ConfigError.Allowed
 // says which are.
 var errBadValue = errors.New("not an allowed value")
+
+// enumKey sets a field from a fixed set of spellings; ConfigError.Allowed
+// lists them.
+func enumKey[T any](field func(*Options) *T, values map[string]T) func(*Options, string) error {
+	return func(o *Options, v string) error {
+		x, ok := values[v]
+		if !ok {
+			return errBadValue
+		}
+		*field(o) = x
+		return nil
+	}
+}
 
 func durationKey(field func(*Options) *time.Duration) func(*Options, string) error {
 	return func(o *Options, v string) error {

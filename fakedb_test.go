@@ -2,11 +2,13 @@ package resilientpg
 
 import (
 	"context"
+	"database/sql"
 	"database/sql/driver"
 	"errors"
 	"io"
 	"sync"
 	"sync/atomic"
+	"testing"
 )
 
 // The fakes follow database/sql's fakedb_test.go: counters, sticky state
@@ -244,4 +246,20 @@ func connect(c *Connector, f *fakeConnector) (*conn, *fakeConn) {
 		panic(err)
 	}
 	return dc.(*conn), f.conn(int(f.opens.Load()) - 1)
+}
+
+// holdAndRelease makes database/sql open n conns at once and pool them.
+func holdAndRelease(t *testing.T, db *sql.DB, n int) {
+	t.Helper()
+	var held []*sql.Conn
+	for range n {
+		sc, err := db.Conn(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		held = append(held, sc)
+	}
+	for _, sc := range held {
+		sc.Close()
+	}
 }

@@ -95,17 +95,7 @@ func TestReadOnlyFailoverThroughDatabaseSQL(t *testing.T) {
 	defer db.Close()
 	db.SetMaxIdleConns(5)
 	ctx := context.Background()
-	var held []*sql.Conn
-	for range 3 {
-		sc, err := db.Conn(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
-		held = append(held, sc)
-	}
-	for _, sc := range held {
-		sc.Close()
-	}
+	holdAndRelease(t, db, 3)
 	if _, err := db.ExecContext(ctx, "INSERT INTO t VALUES (1)"); err != nil {
 		t.Fatalf("write after failover: %v", err)
 	}

@@ -247,17 +247,7 @@ func TestDiscardThroughDatabaseSQL(t *testing.T) {
 		defer db.Close()
 		db.SetMaxIdleConns(5)
 		ctx := context.Background()
-		var conns []*sql.Conn
-		for range 5 {
-			sc, err := db.Conn(ctx)
-			if err != nil {
-				t.Fatal(err)
-			}
-			conns = append(conns, sc)
-		}
-		for _, sc := range conns {
-			sc.Close()
-		}
+		holdAndRelease(t, db, 5)
 		time.Sleep(2 * time.Second) // idle: every checkout pings, and the first 5 conns fail it
 		for i := range 3 {
 			var id int64
