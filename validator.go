@@ -26,7 +26,8 @@ var (
 // three times per operation, the last time with a brand-new connection, so
 // no retry loop is needed here):
 //
-//  1. marked bad, past max age, idle past max idle time: discard, no I/O;
+//  1. marked bad, retired by a pool-wide invalidation, past max age, idle
+//     past max idle time: discard, no I/O;
 //  2. a non-blocking peek at the socket: closed or holding a server's
 //     farewell error: discard; holding other data: ping;
 //  3. closed or left inside a transaction (pgx), then the inner driver's
@@ -109,6 +110,9 @@ func (c *conn) ping(ctx context.Context) error {
 		return ctx.Err() // the caller's deadline, not the conn, ended the ping
 	}
 	c.bad.Store(true)
+	if serverWide(err) {
+		c.c.invalidate() // a crash ends every session, not just this one
+	}
 	return fmt.Errorf("resilientpg: checkout ping: %w: %w", driver.ErrBadConn, err)
 }
 

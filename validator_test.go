@@ -9,6 +9,8 @@ import (
 	"testing"
 	"testing/synctest"
 	"time"
+
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 func opts(mod func(*Options)) Options {
@@ -20,7 +22,10 @@ func opts(mod func(*Options)) Options {
 	return o
 }
 
-var errBoom = errors.New("boom")
+var (
+	errBoom  = errors.New("boom")
+	errCrash = &pgconn.PgError{Severity: "FATAL", Code: "57P02"}
+)
 
 // TestResetSessionBranches walks every checkout branch in virtual time.
 func TestResetSessionBranches(t *testing.T) {
@@ -30,6 +35,8 @@ func TestResetSessionBranches(t *testing.T) {
 		pings     int64
 		innerRsts int64
 		valid     bool // IsValid afterwards
+
+		invalidated bool // the pool generation moved
 	}
 	cases := []struct {
 		name  string
@@ -57,6 +64,11 @@ func TestResetSessionBranches(t *testing.T) {
 		{name: "ping fails: discard with the cause", idle: 2 * time.Second,
 			setup: func(f *fakeConn, _ *conn) { f.pingErr = func(context.Context) error { return io.EOF } },
 			want:  want{err: io.EOF, badConn: true, pings: 1, innerRsts: 1}},
+		{name: "ping sees a crash: the pool is retired too", idle: 2 * time.Second,
+			setup: func(f *fakeConn, _ *conn) {
+				f.pingErr = func(context.Context) error { return errCrash }
+			},
+			want: want{err: errCrash, badConn: true, pings: 1, innerRsts: 1, invalidated: true}},
 		{name: "inner reset says bad", setup: func(f *fakeConn, _ *conn) { f.resetErr = driver.ErrBadConn },
 			want: want{err: driver.ErrBadConn, badConn: true, innerRsts: 1}},
 		{name: "inner reset other error passes through", setup: func(f *fakeConn, _ *conn) { f.resetErr = errBoom },
@@ -89,7 +101,11 @@ func TestResetSessionBranches(t *testing.T) {
 					ctx, cancel = tc.ctx()
 				}
 				defer cancel()
+				gen := c.gen.Load()
 				err := w.ResetSession(ctx)
+				if got := c.gen.Load() != gen; got != tc.want.invalidated {
+					t.Errorf("pool invalidated = %v, want %v", got, tc.want.invalidated)
+				}
 				switch {
 				case tc.want.err == nil && err != nil:
 					t.Fatalf("ResetSession = %v, want nil", err)
