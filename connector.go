@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"reflect"
 	"sync/atomic"
 	"time"
@@ -28,13 +29,13 @@ type Connector struct {
 	ownsPgx        bool // inner is a pgx connector this package built
 
 	gen  atomic.Uint64 // bumped by invalidate; a conn of an older one is discarded
-	gate dialGate
+	gate *dialGate     // shared with the inner connector's dial hook, if it has one
 }
 
 var _ driver.Connector = (*Connector)(nil)
 
-func newConnectorFrom(inner driver.Connector, d *Driver, o Options, writableTarget bool) *Connector {
-	c := &Connector{inner: inner, drv: d, opts: o}
+func newConnectorFrom(inner driver.Connector, d *Driver, o Options, writableTarget bool, g *dialGate) *Connector {
+	c := &Connector{inner: inner, drv: d, opts: o, gate: g}
 	switch o.RejectReadOnly {
 	case ReadOnlyReject:
 		c.rejectReadOnly = true
@@ -142,7 +143,7 @@ func newConnector(inner any, opts Options, dsns []string, poolSizing bool) (*Con
 		if err := checkOptions(&opts, poolSizing); err != nil {
 			return nil, err
 		}
-		return newConnectorFrom(in, genericDriver(in.Driver(), opts), opts, false), nil
+		return newConnectorFrom(in, genericDriver(in.Driver(), opts), opts, false, &dialGate{}), nil
 	case *stdlib.Driver:
 		return pgDriver.connector(dsn, opts, poolSizing)
 	case *mysql.MySQLDriver:
@@ -169,7 +170,7 @@ func checkOptions(o *Options, poolSizing bool) error {
 
 // pgConnector builds the pgx connector. Exactly one layer pings: the
 // wrapper's checkout policy, so pgx's own checkout ping is switched off.
-func pgConnector(dsn string, o *Options, poolSizing bool) (driver.Connector, bool, error) {
+func pgConnector(dsn string, o *Options, poolSizing bool, g *dialGate) (driver.Connector, bool, error) {
 	cfg, err := parsePgConfig(dsn, o, poolSizing)
 	if err != nil {
 		// A name made by stdlib.RegisterConnConfig is not a DSN; pgx's own
@@ -183,8 +184,19 @@ func pgConnector(dsn string, o *Options, poolSizing bool) (driver.Connector, boo
 		}
 		return nil, false, err
 	}
+	dial := cfg.DialFunc
+	cfg.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		if g.sideDialsBlocked(ctx) {
+			return nil, errSideDialSkipped
+		}
+		return dial(ctx, network, addr)
+	}
 	return stdlib.GetConnector(*cfg, stdlib.OptionShouldPing(neverPing)), writableTarget(cfg), nil
 }
+
+// errSideDialSkipped is what pgx's cancel request gets while the server is
+// known down; pgx ignores cancel request errors.
+var errSideDialSkipped = errors.New("resilientpg: server down: cancel request not sent")
 
 // writableTarget reports whether the DSN asked for a server that accepts
 // writes (target_session_attrs=read-write or primary). pgx keeps that only
@@ -222,7 +234,7 @@ func isRegisteredPgxName(dsn string) bool {
 // mysqlConnector builds the go-sql-driver/mysql connector.
 // Its writable-target answer is false: mysql's own rejectReadOnly=true
 // handles a demoted primary inside the driver.
-func mysqlConnector(dsn string, o *Options, poolSizing bool) (driver.Connector, bool, error) {
+func mysqlConnector(dsn string, o *Options, poolSizing bool, _ *dialGate) (driver.Connector, bool, error) {
 	cfg, err := parseMySQLConfig(dsn, o, poolSizing)
 	if err != nil {
 		return nil, false, err

@@ -14,28 +14,43 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 )
 
+// gateState is what the connector believes about the server.
+type gateState uint8
+
+const (
+	gateOpen    gateState = iota // dials go straight through
+	gateSuspect                  // a pooled conn just lost its server: one probe dials, the others wait for it
+	gateDown                     // a dial failed retryably: probes are spaced by backoff
+)
+
 // dialGate keeps a connector from hammering a server that is down. While
-// the server answers, every Connect dials on its own. Once a dial fails
-// with a retryable class the gate closes: one caller at a time probes,
-// after a capped, jittered backoff, and the others wait for its outcome
-// instead of dialing. The first successful probe opens the gate again.
+// the server answers, every Connect dials on its own. When a pooled
+// connection reports a disconnect the gate turns suspect: the next Connect
+// probes and the others wait for its outcome, so the requests that just
+// lost their connections do not all dial a server that may be gone. A
+// retryable dial failure closes the gate: one caller at a time probes,
+// after a capped, fully jittered backoff, and the others wait for its
+// outcome instead of dialing. The first successful probe opens the gate.
 type dialGate struct {
 	mu        sync.Mutex
-	down      bool          // guarded by mu: the last dial failed retryably
+	state     gateState     // guarded by mu
 	probe     chan struct{} // guarded by mu: closed when the running probe ends; nil when none runs
 	notBefore time.Time     // guarded by mu: the next probe waits until then
+	since     time.Time     // guarded by mu: when the gate closed
 	bo        backoff       // guarded by mu
 	lastErr   error         // guarded by mu: the error that closed the gate, or the last probe's
 	restarted bool          // guarded by mu: a refusal was seen while down, so recovery means a new server
 
-	dials atomic.Int64 // every dial, for Stats
+	down         atomic.Bool  // state == gateDown, for the side-dial check without the lock
+	suspectUntil atomic.Int64 // UnixNano: side dials are skipped until then after a disconnect
+	dials        atomic.Int64 // every dial Connect made
 }
 
 // ServerDownError is returned by Connect when the server is known to be
 // unreachable and resilient_connect_wait does not allow waiting for it, or
 // the wait ran out. It unwraps to the last dial error.
 type ServerDownError struct {
-	Since time.Time // when the gate closed
+	Since time.Time // when the connector saw the server go
 	Err   error     // the last dial error
 }
 
@@ -44,6 +59,10 @@ func (e *ServerDownError) Error() string {
 }
 
 func (e *ServerDownError) Unwrap() error { return e.Err }
+
+// connectKey marks the context of the wrapper's own dials, so a dial hook
+// can tell them from a driver's side dials (pgx's cancel requests).
+type connectKey struct{}
 
 // Connect opens an inner connection through the gate and wraps it.
 func (c *Connector) Connect(ctx context.Context) (driver.Conn, error) {
@@ -54,11 +73,12 @@ func (c *Connector) Connect(ctx context.Context) (driver.Conn, error) {
 		ctx, cancel = context.WithTimeout(ctx, c.opts.ConnectTimeout)
 		defer cancel()
 	}
-	g := &c.gate
-	var downSince time.Time
+	ctx = context.WithValue(ctx, connectKey{}, true)
+	g := c.gate
+	var waitingSince time.Time // when this caller first found the server down
 	for {
 		g.mu.Lock()
-		if !g.down {
+		if g.state == gateOpen {
 			g.mu.Unlock()
 			inner, err := c.dial(ctx)
 			if err == nil {
@@ -68,19 +88,24 @@ func (c *Connector) Connect(ctx context.Context) (driver.Conn, error) {
 				return nil, connectErr(err)
 			}
 			g.mu.Lock()
-			if !g.down {
+			if g.state != gateDown {
 				g.close(err)
 			}
 			g.mu.Unlock()
 			continue
 		}
-		if downSince.IsZero() {
-			downSince = time.Now()
+		now := time.Now()
+		if g.state == gateDown && waitingSince.IsZero() {
+			waitingSince = now
 		}
-		if c.opts.ConnectWait == 0 || time.Since(downSince) > c.opts.ConnectWait {
-			err := g.lastErr
+		// Out of patience: fail at once, unless a probe is due and nobody
+		// runs it, since only a probe can open the gate again.
+		impatient := g.state == gateDown && (c.opts.ConnectWait == 0 || now.Sub(waitingSince) > c.opts.ConnectWait)
+		probeDue := g.probe == nil && !now.Before(g.notBefore)
+		if impatient && !probeDue {
+			err := &ServerDownError{Since: g.since, Err: g.lastErr}
 			g.mu.Unlock()
-			return nil, &ServerDownError{Since: downSince, Err: err}
+			return nil, err
 		}
 		if ch := g.probe; ch != nil {
 			g.mu.Unlock()
@@ -94,7 +119,7 @@ func (c *Connector) Connect(ctx context.Context) (driver.Conn, error) {
 		// This caller probes; the others wait on ch.
 		ch := make(chan struct{})
 		g.probe = ch
-		wait := time.Until(g.notBefore)
+		wait := g.notBefore.Sub(now)
 		g.mu.Unlock()
 
 		err := sleepCtx(ctx, wait)
@@ -122,15 +147,32 @@ func (c *Connector) Connect(ctx context.Context) (driver.Conn, error) {
 			g.open() // the server answered, if only to refuse us: it is up
 			g.mu.Unlock()
 			return nil, connectErr(err)
+		case g.state == gateSuspect:
+			g.close(err)
+		default:
+			g.fail(err)
 		}
-		g.fail(err)
 		g.mu.Unlock()
 	}
 }
 
+// suspect is called when a pooled connection lost its server.
+func (g *dialGate) suspect() {
+	g.mu.Lock()
+	if g.state == gateOpen {
+		now := time.Now()
+		g.state = gateSuspect
+		g.notBefore = now // probe at once
+		g.suspectUntil.Store(now.Add(g.bo.max).UnixNano())
+	}
+	g.mu.Unlock()
+}
+
 // close marks the server down after a retryable dial failure. mu is held.
 func (g *dialGate) close(err error) {
-	g.down = true
+	g.state = gateDown
+	g.down.Store(true)
+	g.since = time.Now()
 	g.bo.reset()
 	g.fail(err)
 }
@@ -163,8 +205,24 @@ func serverGone(err error) bool {
 
 // open marks the server up. mu is held.
 func (g *dialGate) open() {
-	g.down, g.restarted, g.lastErr = false, false, nil
+	g.state, g.restarted, g.lastErr = gateOpen, false, nil
+	g.down.Store(false)
+	g.suspectUntil.Store(0)
 	g.bo.reset()
+}
+
+// sideDialsBlocked reports whether a dial that is not the wrapper's own
+// (ctx lacks connectKey), such as a pgx cancel request, should be skipped:
+// while the server is known down, or for one backoff cap after a pooled
+// connection lost its server, a cancel request for a connection the server
+// dropped cannot help and only adds to the storm on a restarting server.
+// The window is bounded so that a cancel for a live query, on another
+// connection, is not skipped for long.
+func (g *dialGate) sideDialsBlocked(ctx context.Context) bool {
+	if ctx.Value(connectKey{}) != nil {
+		return false
+	}
+	return g.down.Load() || time.Now().UnixNano() < g.suspectUntil.Load()
 }
 
 func (c *Connector) dial(ctx context.Context) (driver.Conn, error) {

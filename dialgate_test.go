@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"sync"
@@ -183,4 +184,99 @@ func TestGateFailsFast(t *testing.T) {
 			t.Errorf("no deadline: err %v after %v, want DeadlineExceeded and the refusal after 3s", err, time.Since(start))
 		}
 	})
+}
+
+// TestGateFailFastStillRecovers: with resilient_connect_wait=0 requests
+// fail at once while the server is down, but a probe still goes out when
+// its backoff slot comes, so the gate opens again once the server is back.
+func TestGateFailFastStillRecovers(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		c, f := newFakeConnector(shapePgx, opts(func(o *Options) { o.ConnectWait = 0 }))
+		f.setConnectErr(errRefused)
+		ctx := context.Background()
+		start := time.Now()
+		_, err := c.Connect(ctx) // closes the gate
+		var sde *ServerDownError
+		if !errors.As(err, &sde) && !errors.Is(err, syscall.ECONNREFUSED) {
+			t.Fatalf("first connect: %v", err)
+		}
+		dials := c.gate.dials.Load()
+		if _, err := c.Connect(ctx); !errors.As(err, &sde) || c.gate.dials.Load() != dials {
+			t.Fatalf("while down and before the next slot: err %v, %d new dials; want ServerDownError and no dial", err, c.gate.dials.Load()-dials)
+		}
+		if !sde.Since.Equal(start) {
+			t.Errorf("ServerDownError.Since = %v, want when the gate closed (%v)", sde.Since, start)
+		}
+		f.setConnectErr(nil)
+		time.Sleep(time.Second) // past any backoff slot (cap 1s)
+		if _, err := c.Connect(ctx); err != nil {
+			t.Fatalf("after the server came back: %v", err)
+		}
+		if _, err := c.Connect(ctx); err != nil {
+			t.Fatalf("gate did not open: %v", err)
+		}
+	})
+}
+
+// TestGateSuspectSingleProbe: once a pooled conn reports a lost server,
+// the requests that need new conns send one probe and wait for it.
+func TestGateSuspectSingleProbe(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		c, f := newFakeConnector(shapePgx, opts(nil))
+		w, _ := connect(c, f)
+		f.setConnectErr(errRefused) // the server went away
+		w.handleErr(context.Background(), io.ErrUnexpectedEOF, false)
+		before := c.gate.dials.Load()
+		var wg sync.WaitGroup
+		for range 8 {
+			wg.Go(func() {
+				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				defer cancel()
+				if _, err := c.Connect(ctx); err != nil {
+					t.Errorf("Connect: %v", err)
+				}
+			})
+		}
+		time.Sleep(time.Millisecond)
+		if n := c.gate.dials.Load() - before; n != 1 {
+			t.Errorf("%d dials right after the disconnect, want 1 probe", n)
+		}
+		f.setConnectErr(nil)
+		wg.Wait()
+	})
+}
+
+func TestSideDialsBlockedOnlyWhileDown(t *testing.T) {
+	synctest.Test(t, testSideDials)
+}
+
+func testSideDials(t *testing.T) {
+	g := &dialGate{bo: backoff{initial: 100 * time.Millisecond, max: time.Second}}
+	ours := context.WithValue(context.Background(), connectKey{}, true)
+	side := context.Background()
+	if g.sideDialsBlocked(side) {
+		t.Fatal("side dial blocked while the gate is open")
+	}
+	g.mu.Lock()
+	g.close(errRefused)
+	g.mu.Unlock()
+	if !g.sideDialsBlocked(side) || g.sideDialsBlocked(ours) {
+		t.Fatal("while down: side dials must be skipped, the wrapper's own must not")
+	}
+	g.mu.Lock()
+	g.open()
+	g.mu.Unlock()
+	if g.sideDialsBlocked(side) {
+		t.Fatal("side dial blocked after recovery")
+	}
+	// A disconnect: skipped for one backoff cap, then allowed again even if
+	// no probe ran.
+	g.suspect()
+	if !g.sideDialsBlocked(side) || g.sideDialsBlocked(ours) {
+		t.Fatal("right after a disconnect: side dials must be skipped, the wrapper's own must not")
+	}
+	time.Sleep(time.Second)
+	if g.sideDialsBlocked(side) {
+		t.Fatal("side dials still skipped a backoff cap after the disconnect")
+	}
 }

@@ -74,7 +74,8 @@ type Driver struct {
 	inner driver.Driver
 	// build parses dsn into an inner connector, claiming resilient_ keys
 	// into o, and reports whether the DSN asks for a writable server.
-	build func(dsn string, o *Options, poolSizing bool) (driver.Connector, bool, error)
+	// g is the connector's dial gate, for dial hooks.
+	build func(dsn string, o *Options, poolSizing bool, g *dialGate) (driver.Connector, bool, error)
 }
 
 var (
@@ -118,11 +119,12 @@ func (d *Driver) OpenConnector(dsn string) (driver.Connector, error) {
 func (d *Driver) Unwrap() driver.Driver { return d.inner }
 
 func (d *Driver) connector(dsn string, o Options, poolSizing bool) (*Connector, error) {
-	inner, writable, err := d.build(dsn, &o, poolSizing)
+	g := &dialGate{}
+	inner, writable, err := d.build(dsn, &o, poolSizing, g)
 	if err != nil {
 		return nil, err
 	}
-	c := newConnectorFrom(inner, d, o, writable)
+	c := newConnectorFrom(inner, d, o, writable, g)
 	c.ownsPgx = d == pgDriver
 	return c, nil
 }
@@ -131,7 +133,7 @@ func (d *Driver) connector(dsn string, o Options, poolSizing bool) (*Connector, 
 // the DSN goes through untouched, with fixed options.
 func genericDriver(inner driver.Driver, fixed Options) *Driver {
 	return &Driver{name: "resilientpg(generic)", inner: inner,
-		build: func(dsn string, o *Options, poolSizing bool) (driver.Connector, bool, error) {
+		build: func(dsn string, o *Options, poolSizing bool, _ *dialGate) (driver.Connector, bool, error) {
 			if key, ok := genericDSNKey(dsn); ok {
 				return nil, false, &ConfigError{Key: key, Value: "(in the DSN)",
 					Allowed: "resilient_ keys only in resilientpg and resilientmysql DSNs; set Options fields for other drivers"}

@@ -138,7 +138,10 @@ func (c *conn) handleErr(ctx context.Context, err error, inTx bool) error {
 	case serverWide(err):
 		c.bad.Store(true)
 		c.c.invalidate()
-	case class == ClassConnLost || class == ClassShutdown || class == ClassSessionTimeout:
+	case class == ClassConnLost || class == ClassShutdown:
+		c.bad.Store(true)
+		c.c.gate.suspect() // the server may be gone: the next connect probes for the others
+	case class == ClassSessionTimeout:
 		c.bad.Store(true)
 	case c.pg != nil && c.pg.IsClosed():
 		c.bad.Store(true)

@@ -59,6 +59,7 @@ func (c *conn) ResetSession(ctx context.Context) error {
 		switch c.sock.check() {
 		case sockClosed, sockFatal:
 			c.bad.Store(true)
+			c.c.gate.suspect()
 			return ErrServerClosed
 		case sockPending:
 			ping = true // a notification or a farewell: only a round trip tells
