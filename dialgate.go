@@ -187,11 +187,12 @@ func (g *dialGate) fail(err error) {
 }
 
 // serverGone reports whether a failed dial shows the server process itself
-// away or changing: refused, starting up or shutting down. "Too many
-// connections" does not: the same server is still there, and so is every
-// pooled connection to it.
+// away or changing: refused, reset or closed during the handshake (what a
+// proxy or load balancer in front of a stopped server does), starting up or
+// shutting down. "Too many connections" does not: the same server is still
+// there, and so is every pooled connection to it.
 func serverGone(err error) bool {
-	if errors.Is(err, syscall.ECONNREFUSED) {
+	if errors.Is(err, syscall.ECONNREFUSED) || Classify(err) == ClassConnLost {
 		return true
 	}
 	if pe, ok := errors.AsType[*pgconn.PgError](err); ok {

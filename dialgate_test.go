@@ -135,6 +135,29 @@ func TestGateRestartInvalidates(t *testing.T) {
 	})
 }
 
+// TestGateRestartBehindProxyInvalidates: behind a proxy a stopped server
+// accepts the TCP connection and resets the handshake; recovery after that
+// is a restart too.
+func TestGateRestartBehindProxyInvalidates(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		c, f := newFakeConnector(shapePgx, opts(nil))
+		old, _ := connect(c, f)
+		f.setConnectErr(fmt.Errorf("failed to receive message: %w", io.ErrUnexpectedEOF))
+		go func() {
+			time.Sleep(time.Second)
+			f.setConnectErr(nil)
+		}()
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if _, err := c.Connect(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if err := old.ResetSession(ctx); !errors.Is(err, ErrInvalidated) {
+			t.Fatalf("old conn after a handshake-reset outage: %v, want ErrInvalidated", err)
+		}
+	})
+}
+
 // TestGateTooManyConnsKeepsPool: recovering from "too many connections"
 // is not a restart; the pool is kept.
 func TestGateTooManyConnsKeepsPool(t *testing.T) {
