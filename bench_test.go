@@ -4,7 +4,9 @@ package resilientpg
 
 import (
 	"context"
+	"errors"
 	"testing"
+	"time"
 )
 
 // fastPathConn is a wrapper over a pgx-like fake whose socket check peeks at
@@ -23,6 +25,7 @@ func TestCheckoutFastPathAllocs(t *testing.T) {
 	w := fastPathConn(t)
 	ctx := context.Background()
 	n := testing.AllocsPerRun(1000, func() {
+		w.lastActive = w.lastActive.Add(-2 * peekAfterIdle) // take the peek path too
 		if err := w.ResetSession(ctx); err != nil {
 			t.Fatal(err)
 		}
@@ -36,17 +39,53 @@ func TestCheckoutFastPathAllocs(t *testing.T) {
 }
 
 // BenchmarkCheckoutFastPath measures ResetSession plus IsValid when no ping
-// is due: the wrapper's whole per-query overhead.
+// is due: the wrapper's whole per-query overhead. "reused" is a connection
+// checked out again at once (under load); "idle" one idle past
+// peekAfterIdle, which pays the socket peek.
 func BenchmarkCheckoutFastPath(b *testing.B) {
-	w := fastPathConn(b)
+	for _, idle := range []bool{false, true} {
+		name := map[bool]string{false: "reused", true: "idle"}[idle]
+		b.Run(name, func(b *testing.B) {
+			w := fastPathConn(b)
+			ctx := context.Background()
+			b.ReportAllocs()
+			for b.Loop() {
+				if idle {
+					w.lastActive = w.lastActive.Add(-2 * peekAfterIdle)
+				}
+				if err := w.ResetSession(ctx); err != nil {
+					b.Fatal(err)
+				}
+				if !w.IsValid() {
+					b.Fatal("invalid")
+				}
+			}
+		})
+	}
+}
+
+// TestCheckoutPeekThreshold: a connection the server closed is discarded
+// at checkout once it has been idle peekAfterIdle, without a ping; one
+// reused at once is not peeked.
+func TestCheckoutPeekThreshold(t *testing.T) {
+	c, f := newFakeConnector(shapePgx, opts(func(o *Options) { o.Ping = PingNever }))
+	w, fc := connect(c, f)
+	client, server := tcpPair(t)
+	w.sock = newSockCheck(client)
+	server.Close()
+	if waitState(w.sock, sockClosed) != sockClosed {
+		t.Fatal("the close did not arrive")
+	}
 	ctx := context.Background()
-	b.ReportAllocs()
-	for b.Loop() {
-		if err := w.ResetSession(ctx); err != nil {
-			b.Fatal(err)
-		}
-		if !w.IsValid() {
-			b.Fatal("invalid")
-		}
+	w.lastActive = time.Now()
+	if err := w.ResetSession(ctx); err != nil {
+		t.Fatalf("reused at once: %v, want no peek", err)
+	}
+	w.lastActive = time.Now().Add(-peekAfterIdle)
+	if err := w.ResetSession(ctx); !errors.Is(err, ErrServerClosed) {
+		t.Fatalf("idle %v: %v, want ErrServerClosed", peekAfterIdle, err)
+	}
+	if fc.pings.Load() != 0 {
+		t.Error("the peek path pinged")
 	}
 }

@@ -20,6 +20,13 @@ var (
 	ErrInvalidated  = fmt.Errorf("resilientpg: connection older than a server restart or failover: %w", driver.ErrBadConn)
 )
 
+// peekAfterIdle is the idle time below which checkout skips the socket
+// peek. A connection returned less than this ago can only hold a farewell
+// the server sent and the network delivered inside that gap; under load,
+// when connections are reused within microseconds, the peek's syscall would
+// be most of the wrapper's cost and almost never see anything.
+const peekAfterIdle = time.Millisecond
+
 // ResetSession runs at every checkout of a used connection, cheapest check
 // first, and returns an error wrapping driver.ErrBadConn to have
 // database/sql discard the connection and take another (it does so up to
@@ -28,8 +35,9 @@ var (
 //
 //  1. marked bad, retired by a pool-wide invalidation, past max age, idle
 //     past max idle time: discard, no I/O;
-//  2. a non-blocking peek at the socket: closed or holding a server's
-//     farewell error: discard; holding other data: ping;
+//  2. a non-blocking peek at the socket, if idle at least peekAfterIdle:
+//     closed or holding a server's farewell error: discard; holding other
+//     data: ping;
 //  3. closed or left inside a transaction (pgx), then the inner driver's
 //     reset (mysql: its own socket read);
 //  4. a round-trip ping if the policy says one is due, bounded by the
@@ -55,7 +63,7 @@ func (c *conn) ResetSession(ctx context.Context) error {
 		return ErrMaxIdle
 	}
 	ping := o.Ping == PingAlways || (o.Ping == PingIdle && idle >= o.PingIdle)
-	if c.sock != nil {
+	if c.sock != nil && idle >= peekAfterIdle {
 		switch c.sock.check() {
 		case sockClosed, sockFatal:
 			c.bad.Store(true)
