@@ -2,6 +2,7 @@ package resilientpg
 
 import (
 	"errors"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -147,7 +148,7 @@ func claimKeys(params map[string]string, o *Options, poolSizing bool) error {
 		}
 	}
 	if len(unknown) > 0 {
-		name := minString(unknown)
+		name := slices.Min(unknown)
 		return &ConfigError{Key: name, Value: params[name], Err: ErrUnknownKey,
 			Allowed: "one of " + strings.Join(KnownKeys(), ", ")}
 	}
@@ -197,14 +198,6 @@ func findKey(name string) *dsnKey {
 		}
 	}
 	return nil
-}
-
-func minString(s []string) string {
-	m := s[0]
-	for _, v := range s[1:] {
-		m = min(m, v)
-	}
-	return m
 }
 
 // genericDSNKey finds a "resilient_name=" assignment in a DSN whose grammar

@@ -52,40 +52,61 @@ func BenchmarkQueryRow(b *testing.B) {
 	}
 }
 
-// BenchmarkQueryRowInterleaved alternates bare pgx and resilientpg query by
-// query, so drift and noise on a shared machine hit both alike, and reports
-// the wrapper's cost per query as the median of the pairwise differences
-// (overhead-ns) and as a share of the median bare query (overhead-%).
-// Medians, because a scheduling hiccup of milliseconds on one side of a
-// pair would swamp a sum. The separate benchmarks above cannot resolve a
-// 1 % difference: their run-to-run spread is about 15 %.
-func BenchmarkQueryRowInterleaved(b *testing.B) {
-	dsn := requirePostgres(b)
-	bare, wrapped := openBenchDB(b, "pgx", dsn), openBenchDB(b, "resilientpg", dsn)
+// pairs records interleaved query timings: each pair is one query on the
+// bare pool and one on the wrapped pool, in alternating order so neither
+// always goes first. Not safe for concurrent use: one per goroutine.
+type pairs struct {
+	bare, wrapped *sql.DB
+	bareTimes     []time.Duration
+	diffs         []time.Duration // wrapped minus bare, per pair
+}
+
+func (p *pairs) run(tb testing.TB, i int) {
 	ctx := context.Background()
 	query := func(db *sql.DB) time.Duration {
 		start := time.Now()
 		var n int
 		if err := db.QueryRowContext(ctx, "SELECT 1").Scan(&n); err != nil {
-			b.Fatal(err)
+			tb.Error(err)
 		}
 		return time.Since(start)
 	}
-	var bareTimes, diffs []time.Duration
-	b.ReportAllocs()
-	for i := 0; b.Loop(); i++ {
-		var tb, tw time.Duration
-		if i%2 == 0 { // alternate the order too, so neither always goes first
-			tb, tw = query(bare), query(wrapped)
-		} else {
-			tw, tb = query(wrapped), query(bare)
-		}
-		bareTimes = append(bareTimes, tb)
-		diffs = append(diffs, tw-tb)
+	var tBare, tWrapped time.Duration
+	if i%2 == 0 {
+		tBare, tWrapped = query(p.bare), query(p.wrapped)
+	} else {
+		tWrapped, tBare = query(p.wrapped), query(p.bare)
 	}
-	medBare, medDiff := median(bareTimes), median(diffs)
+	p.bareTimes = append(p.bareTimes, tBare)
+	p.diffs = append(p.diffs, tWrapped-tBare)
+}
+
+// report gives the wrapper's cost per query as the median of the pairwise
+// differences (overhead-ns) and as a share of the median bare query
+// (overhead-%). Medians, because a scheduling hiccup of milliseconds on one
+// side of a pair would swamp a sum.
+func (p *pairs) report(b *testing.B) {
+	medBare, medDiff := median(p.bareTimes), median(p.diffs)
 	b.ReportMetric(float64(medDiff), "overhead-ns")
 	b.ReportMetric(100*float64(medDiff)/float64(medBare), "overhead-%")
+}
+
+func newPairs(b *testing.B) *pairs {
+	dsn := requirePostgres(b)
+	return &pairs{bare: openBenchDB(b, "pgx", dsn), wrapped: openBenchDB(b, "resilientpg", dsn)}
+}
+
+// BenchmarkQueryRowInterleaved alternates bare pgx and resilientpg query by
+// query, so drift and noise on a shared machine hit both alike. The
+// separate benchmarks above cannot resolve a 1 % difference: their
+// run-to-run spread is about 15 %.
+func BenchmarkQueryRowInterleaved(b *testing.B) {
+	p := newPairs(b)
+	b.ReportAllocs()
+	for i := 0; b.Loop(); i++ {
+		p.run(b, i)
+	}
+	p.report(b)
 }
 
 // BenchmarkQueryRowParallelInterleaved is the interleaved comparison under
@@ -93,40 +114,20 @@ func BenchmarkQueryRowInterleaved(b *testing.B) {
 // The plain parallel benchmarks swing between 12 and 37 µs per query from
 // run to run on a 2-CPU machine that also runs the server.
 func BenchmarkQueryRowParallelInterleaved(b *testing.B) {
-	dsn := requirePostgres(b)
-	bare, wrapped := openBenchDB(b, "pgx", dsn), openBenchDB(b, "resilientpg", dsn)
-	ctx := context.Background()
+	all := newPairs(b)
 	var mu sync.Mutex
-	var bareTimes, diffs []time.Duration
 	b.ReportAllocs()
 	b.RunParallel(func(pb *testing.PB) {
-		var myBare, myDiffs []time.Duration
-		query := func(db *sql.DB) time.Duration {
-			start := time.Now()
-			var n int
-			if err := db.QueryRowContext(ctx, "SELECT 1").Scan(&n); err != nil {
-				b.Error(err)
-			}
-			return time.Since(start)
-		}
+		mine := &pairs{bare: all.bare, wrapped: all.wrapped}
 		for i := 0; pb.Next(); i++ {
-			var tb, tw time.Duration
-			if i%2 == 0 {
-				tb, tw = query(bare), query(wrapped)
-			} else {
-				tw, tb = query(wrapped), query(bare)
-			}
-			myBare = append(myBare, tb)
-			myDiffs = append(myDiffs, tw-tb)
+			mine.run(b, i)
 		}
 		mu.Lock()
-		bareTimes = append(bareTimes, myBare...)
-		diffs = append(diffs, myDiffs...)
+		all.bareTimes = append(all.bareTimes, mine.bareTimes...)
+		all.diffs = append(all.diffs, mine.diffs...)
 		mu.Unlock()
 	})
-	medBare, medDiff := median(bareTimes), median(diffs)
-	b.ReportMetric(float64(medDiff), "overhead-ns")
-	b.ReportMetric(100*float64(medDiff)/float64(medBare), "overhead-%")
+	all.report(b)
 }
 
 func median(d []time.Duration) time.Duration {
