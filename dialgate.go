@@ -46,20 +46,6 @@ type dialGate struct {
 	dials        atomic.Int64 // every dial Connect made
 }
 
-// ServerDownError is returned by Connect when the server is known to be
-// unreachable and resilient_connect_wait does not allow waiting for it, or
-// the wait ran out. It unwraps to the last dial error.
-type ServerDownError struct {
-	Since time.Time // when the connector saw the server go
-	Err   error     // the last dial error
-}
-
-func (e *ServerDownError) Error() string {
-	return fmt.Sprintf("resilientpg: server unreachable since %s: %v", e.Since.Format(time.RFC3339Nano), e.Err)
-}
-
-func (e *ServerDownError) Unwrap() error { return e.Err }
-
 // connectKey marks the context of the wrapper's own dials, so a dial hook
 // can tell them from a driver's side dials (pgx's cancel requests).
 type connectKey struct{}
@@ -76,10 +62,12 @@ func (c *Connector) Connect(ctx context.Context) (driver.Conn, error) {
 	ctx = context.WithValue(ctx, connectKey{}, true)
 	g := c.gate
 	var waitingSince time.Time // when this caller first found the server down
+	attempts := 0              // dials this call made, for the error when it gives up
 	for {
 		g.mu.Lock()
 		if g.state == gateOpen {
 			g.mu.Unlock()
+			attempts++
 			inner, err := c.dial(ctx)
 			if err == nil {
 				return c.wrap(inner), nil
@@ -103,7 +91,7 @@ func (c *Connector) Connect(ctx context.Context) (driver.Conn, error) {
 		impatient := g.state == gateDown && (c.opts.ConnectWait == 0 || now.Sub(waitingSince) > c.opts.ConnectWait)
 		probeDue := g.probe == nil && !now.Before(g.notBefore)
 		if impatient && !probeDue {
-			err := &ServerDownError{Since: g.since, Err: g.lastErr}
+			err := &ServerDownError{Since: g.since, Attempts: attempts, Err: g.lastErr}
 			g.mu.Unlock()
 			return nil, err
 		}
@@ -113,7 +101,7 @@ func (c *Connector) Connect(ctx context.Context) (driver.Conn, error) {
 			case <-ch:
 				continue // the probe ended: the gate is open, or it is our turn
 			case <-ctx.Done():
-				return nil, c.waitErr(ctx)
+				return nil, c.waitErr(ctx, attempts)
 			}
 		}
 		// This caller probes; the others wait on ch.
@@ -125,6 +113,7 @@ func (c *Connector) Connect(ctx context.Context) (driver.Conn, error) {
 		err := sleepCtx(ctx, wait)
 		var inner driver.Conn
 		if err == nil {
+			attempts++
 			inner, err = c.dial(ctx)
 		}
 		g.mu.Lock()
@@ -142,7 +131,7 @@ func (c *Connector) Connect(ctx context.Context) (driver.Conn, error) {
 			return c.wrap(inner), nil
 		case ctx.Err() != nil:
 			g.mu.Unlock()
-			return nil, c.waitErr(ctx)
+			return nil, c.waitErr(ctx, attempts)
 		case !retryableConnect(err):
 			g.open() // the server answered, if only to refuse us: it is up
 			g.mu.Unlock()
@@ -195,10 +184,10 @@ func serverGone(err error) bool {
 	if errors.Is(err, syscall.ECONNREFUSED) || Classify(err) == ClassConnLost {
 		return true
 	}
-	if pe, ok := errors.AsType[*pgconn.PgError](err); ok {
+	if pe, ok := asType[*pgconn.PgError](err); ok {
 		return pe.Code == "57P03" || pe.Code == "57P01" || pe.Code == "57P02"
 	}
-	if me, ok := errors.AsType[*mysql.MySQLError](err); ok {
+	if me, ok := asType[*mysql.MySQLError](err); ok {
 		return me.Number == 1053
 	}
 	return false
@@ -233,14 +222,14 @@ func (c *Connector) dial(ctx context.Context) (driver.Conn, error) {
 
 // waitErr is the error of a caller whose context ended while the server
 // was down: both the context's error and the server's are in the chain.
-func (c *Connector) waitErr(ctx context.Context) error {
+func (c *Connector) waitErr(ctx context.Context, attempts int) error {
 	c.gate.mu.Lock()
-	last := c.gate.lastErr
+	last, since := c.gate.lastErr, c.gate.since
 	c.gate.mu.Unlock()
 	if last == nil {
 		return context.Cause(ctx)
 	}
-	return fmt.Errorf("resilientpg: connect: %w while the server was unreachable: %w", context.Cause(ctx), last)
+	return &ServerDownError{Since: since, Attempts: attempts, Cause: context.Cause(ctx), Err: last}
 }
 
 // connectErr keeps driver.ErrBadConn out of Connect's result, as the

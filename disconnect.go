@@ -86,13 +86,13 @@ func Classify(err error) Class {
 		return ClassCanceled
 	}
 	// A server's answer is the most precise evidence there is.
-	if pe, ok := errors.AsType[*pgconn.PgError](err); ok {
+	if pe, ok := asType[*pgconn.PgError](err); ok {
 		return classifySQLState(pe.Code)
 	}
-	if me, ok := errors.AsType[*mysql.MySQLError](err); ok {
+	if me, ok := asType[*mysql.MySQLError](err); ok {
 		return classifyMySQL(me)
 	}
-	if se, ok := errors.AsType[sqlStater](err); ok {
+	if se, ok := asType[sqlStater](err); ok {
 		return classifySQLState(se.SQLState())
 	}
 	switch {
@@ -107,10 +107,10 @@ func Classify(err error) Class {
 		// The socket is gone or the peer stopped answering.
 		return ClassConnLost
 	}
-	if oe, ok := errors.AsType[*net.OpError](err); ok && oe.Op == "dial" {
+	if oe, ok := asType[*net.OpError](err); ok && oe.Op == "dial" {
 		return ClassCannotConnect // DNS or other dial failure
 	}
-	if ne, ok := errors.AsType[net.Error](err); ok && ne.Timeout() {
+	if ne, ok := asType[net.Error](err); ok && ne.Timeout() {
 		// A driver-level I/O timeout (mysql's readTimeout, a TCP
 		// keepalive): the caller's context was ruled out above.
 		return ClassConnLost
@@ -176,11 +176,20 @@ func classifyMySQL(me *mysql.MySQLError) Class {
 // a shutdown uses, so a restart is instead recognised by the refused-then-
 // accepted sequence the connector sees.
 func serverWide(err error) bool {
-	if pe, ok := errors.AsType[*pgconn.PgError](err); ok {
+	if pe, ok := asType[*pgconn.PgError](err); ok {
 		return pe.Code == "57P02" // crash_shutdown: every backend is gone
 	}
-	if me, ok := errors.AsType[*mysql.MySQLError](err); ok {
+	if me, ok := asType[*mysql.MySQLError](err); ok {
 		return me.Number == 1053 // the server is shutting down
 	}
 	return false
+}
+
+// asType is Go 1.26's errors.AsType, kept local so the module builds with
+// Go 1.25, the floor pgx v5.12 sets: a pgx user should never have to move
+// to a newer Go for this package. It runs only on error paths.
+func asType[T any](err error) (T, bool) {
+	var target T
+	ok := errors.As(err, &target)
+	return target, ok
 }

@@ -88,9 +88,12 @@ var (
 	mysqlDriver = &Driver{name: "resilientmysql", inner: &mysql.MySQLDriver{}, build: mysqlConnector}
 )
 
-func init() {
-	// Guarded, as pgx does, so that two copies of this package (vendored
-	// and not, say) can coexist in one binary.
+func init() { register() }
+
+// register is guarded, as pgx's is, so that two copies of this package
+// (vendored and not, say) can coexist in one binary: sql.Register panics on
+// a name taken twice.
+func register() {
 	for _, d := range []*Driver{pgDriver, mysqlDriver} {
 		if !slices.Contains(sql.Drivers(), d.name) {
 			sql.Register(d.name, d)

@@ -1,14 +1,12 @@
 package resilientpg
 
 import (
-	"database/sql"
 	"errors"
 	"net/url"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/stdlib"
 )
 
@@ -159,46 +157,6 @@ func TestDSNKeysRejected(t *testing.T) {
 	}
 }
 
-// TestSQLOpenFailsFast: sql.Open reports a bad key at once, not at the
-// first query, and pool keys point to the functions that can apply them.
-func TestSQLOpenFailsFast(t *testing.T) {
-	for _, tc := range []struct{ driver, dsn, want string }{
-		{"resilientpg", "postgres://app:" + testPassword + "@h/db?resilient_ping=sometimes", "resilient_ping"},
-		{"resilientpg", "host=h password=" + testPassword + " resilient_max_open_conns=5", "resilientpg.Open"},
-		{"resilientmysql", "app:" + testPassword + "@tcp(h)/db?resilient_max_idle_conns=5", "SetMaxIdleConns"},
-		{"resilientmysql", "app:" + testPassword + "@tcp(h)/db?resilient_timeout=5s", "unknown key resilient_timeout"},
-	} {
-		db, err := sql.Open(tc.driver, tc.dsn)
-		if err == nil {
-			db.Close()
-			t.Errorf("sql.Open(%q) succeeded, want an error", tc.dsn)
-			continue
-		}
-		if !strings.Contains(err.Error(), tc.want) || strings.Contains(err.Error(), testPassword) {
-			t.Errorf("sql.Open error %q: want it to contain %q and not the password", err, tc.want)
-		}
-	}
-}
-
-func TestOpenAppliesPoolKeys(t *testing.T) {
-	for _, tc := range []struct{ driver, dsn string }{
-		{"resilientpg", "postgres://h/db?resilient_max_open_conns=7&resilient_max_idle_conns=3"},
-		{"resilientmysql", "u@tcp(h)/db?resilient_max_open_conns=7&resilient_max_idle_conns=3"},
-	} {
-		db, err := Open(tc.driver, tc.dsn)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if got := db.Stats().MaxOpenConnections; got != 7 {
-			t.Errorf("%s: MaxOpenConnections = %d, want 7", tc.driver, got)
-		}
-		db.Close()
-	}
-	if _, err := Open("pgx", "postgres://h/db"); err == nil || !strings.Contains(err.Error(), `"resilientpg"`) {
-		t.Errorf("Open with a foreign driver name: %v", err)
-	}
-}
-
 func TestNewConnectorRejects(t *testing.T) {
 	f := &fakeConnector{}
 	both := DefaultOptions()
@@ -235,26 +193,6 @@ func TestNewConnectorRejects(t *testing.T) {
 	}
 }
 
-// TestPgxDriverDSNThroughNewConnector: giving pgx's own driver and a DSN
-// takes the same parsing path as sql.Open("resilientpg").
-func TestPgxDriverDSNThroughNewConnector(t *testing.T) {
-	c, err := NewConnector(stdlib.GetDefaultDriver(), DefaultOptions(), "postgres://h/db?resilient_ping=never")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if c.Options().Ping != PingNever {
-		t.Errorf("Ping = %v, want never", c.Options().Ping)
-	}
-	if c.Driver() != pgDriver {
-		t.Error("Driver() must be the resilientpg driver")
-	}
-	if pgDriver.Unwrap() != stdlib.GetDefaultDriver() {
-		t.Error("Unwrap must return pgx's driver")
-	}
-}
-
-// TestRegisteredPgxConfigName: names from stdlib.RegisterConnConfig work as
-// they do with sql.Open("pgx", name).
 // TestRejectReadOnlyAuto: auto means "on" exactly when the DSN asks for a
 // writable server.
 func TestRejectReadOnlyAuto(t *testing.T) {
@@ -277,18 +215,4 @@ func TestRejectReadOnlyAuto(t *testing.T) {
 			t.Errorf("%s: reject read-only = %v, want %v", tc.dsn, c.rejectReadOnly, tc.want)
 		}
 	}
-}
-
-func TestRegisteredPgxConfigName(t *testing.T) {
-	cfg, err := pgx.ParseConfig("postgres://h/db")
-	if err != nil {
-		t.Fatal(err)
-	}
-	name := stdlib.RegisterConnConfig(cfg)
-	defer stdlib.UnregisterConnConfig(name)
-	db, err := sql.Open("resilientpg", name)
-	if err != nil {
-		t.Fatalf("sql.Open(resilientpg, %q): %v", name, err)
-	}
-	db.Close()
 }

@@ -5,11 +5,14 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"io"
 	"log"
 	"time"
 
 	"github.com/DATA-DOG/go-sqlmock"
+	"github.com/go-sql-driver/mysql"
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/stdlib"
 
 	"github.com/resilientpg/resilientpg"
@@ -94,4 +97,135 @@ func ExampleUnwrapConn() {
 	if err != nil {
 		log.Fatal(err)
 	}
+}
+
+// OpenDB wraps a connector (here pgx's, built in code with its own options)
+// and sizes the pool, which only the owner of the *sql.DB can do.
+func ExampleOpenDB() {
+	cfg, err := pgx.ParseConfig("postgres://app@db:5432/app")
+	if err != nil {
+		log.Fatal(err)
+	}
+	opts := resilientpg.DefaultOptions()
+	opts.MaxAge = 15 * time.Minute
+	opts.MaxAgeJitter = resilientpg.JitterDuration(time.Minute)
+	opts.MaxOpenConns, opts.MaxIdleConns = 20, 20
+	db, err := resilientpg.OpenDB(stdlib.GetConnector(*cfg), opts)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer db.Close()
+	fmt.Println(db.Stats().MaxOpenConnections)
+	// Output: 20
+}
+
+// DefaultOptions is what a DSN without resilient_ keys gets; Options
+// returns what a connector was made with.
+func ExampleDefaultOptions() {
+	c, err := pgxConnector("postgres://app@db/app?resilient_ping=always&resilient_max_age_jitter=5%25")
+	if err != nil {
+		log.Fatal(err)
+	}
+	d, o := resilientpg.DefaultOptions(), c.Options()
+	fmt.Println(d.Ping, d.PingIdle, d.PingTimeout, d.MaxAge, d.MaxAgeJitter)
+	fmt.Println(o.Ping, o.PingIdle, o.PingTimeout, o.MaxAge, o.MaxAgeJitter)
+	// Output:
+	// idle 1s 2s 30m0s 10%
+	// always 1s 2s 30m0s 5%
+}
+
+func pgxConnector(dsn string) (*resilientpg.Connector, error) {
+	return resilientpg.NewConnector(stdlib.GetDefaultDriver(), resilientpg.DefaultOptions(), dsn)
+}
+
+// KnownKeys lists the DSN keys, for a configuration linter or a help text.
+func ExampleKnownKeys() {
+	keys := resilientpg.KnownKeys()
+	fmt.Println(len(keys) > 10, keys[0])
+	// Output: true resilient_ping
+}
+
+// WithIdempotent lets a statement that lost its connection mid-flight run
+// again on another connection: only for statements that may run twice.
+func ExampleWithIdempotent() {
+	db, _ := sql.Open("resilientpg", "postgres://app@db/app")
+	defer db.Close()
+	ctx := resilientpg.WithIdempotent(context.Background())
+	_, err := db.ExecContext(ctx, "INSERT INTO seen (id) VALUES ($1) ON CONFLICT DO NOTHING", 42)
+	if err != nil {
+		log.Print(err)
+	}
+}
+
+// Classify and IsDisconnect tell what an error says about the connection.
+func ExampleClassify() {
+	for _, err := range []error{
+		&pgconn.PgError{Code: "57P01"},
+		&pgconn.PgError{Code: "40001"},
+		&pgconn.PgError{Code: "23505"},
+		&mysql.MySQLError{Number: 1040},
+		fmt.Errorf("query: %w", io.ErrUnexpectedEOF),
+		context.DeadlineExceeded,
+	} {
+		fmt.Printf("%s, disconnect %v\n", resilientpg.Classify(err), resilientpg.IsDisconnect(err))
+	}
+	// Output:
+	// server shutdown, disconnect true
+	// serialization, disconnect false
+	// other, disconnect false
+	// cannot connect, disconnect false
+	// connection lost, disconnect true
+	// canceled, disconnect false
+}
+
+// A statement whose connection was lost mid-flight is not retried, and its
+// error says why; the driver's own error is still in the chain. go-sqlmock
+// stands for a driver here.
+func ExampleStatementError() {
+	mockDB, mock, _ := sqlmock.NewWithDSN("statement-error")
+	defer mockDB.Close()
+	mock.ExpectExec("INSERT").WillReturnError(io.ErrUnexpectedEOF)
+
+	c, _ := resilientpg.NewConnector(mockDB.Driver(), resilientpg.DefaultOptions(), "statement-error")
+	db := sql.OpenDB(c)
+	defer db.Close()
+	_, err := db.Exec("INSERT INTO orders VALUES (1)")
+	var se *resilientpg.StatementError
+	fmt.Println(errors.As(err, &se), se.Reason, se.Reason.Retried(), errors.Is(err, io.ErrUnexpectedEOF))
+	fmt.Println(err)
+	// Output:
+	// true may have run false true
+	// resilientpg: connection lost while the statement was in flight (connection lost); not retried, because the server may have executed it; if running it twice is safe, pass a context made by resilientpg.WithIdempotent: unexpected EOF
+}
+
+// JitterPercent and JitterDuration spread each connection's max age.
+func ExampleJitterPercent() {
+	opts := resilientpg.DefaultOptions()
+	opts.MaxAge = time.Hour
+	opts.MaxAgeJitter = resilientpg.JitterPercent(5) // each lives 57 to 60 minutes
+	fmt.Println(opts.MaxAgeJitter)
+	opts.MaxAgeJitter = resilientpg.JitterDuration(2 * time.Minute)
+	fmt.Println(opts.MaxAgeJitter)
+	// Output:
+	// 5%
+	// 2m0s
+}
+
+// IsDisconnect tells a caller whether the connection an error came from is
+// gone, for example to decide whether to alert or to retry at a higher
+// level.
+func ExampleIsDisconnect() {
+	err := fmt.Errorf("load orders: %w", &mysql.MySQLError{Number: 1927, Message: "Connection was killed"})
+	fmt.Println(resilientpg.IsDisconnect(err), resilientpg.IsDisconnect(sql.ErrNoRows))
+	// Output: true false
+}
+
+// Driver.Unwrap returns the inner driver, for code that picks an SQL
+// dialect from db.Driver().
+func ExampleDriver_Unwrap() {
+	db, _ := sql.Open("resilientmysql", "app@tcp(db:3306)/app")
+	defer db.Close()
+	_, isMySQL := db.Driver().(*resilientpg.Driver).Unwrap().(*mysql.MySQLDriver)
+	fmt.Println(isMySQL)
+	// Output: true
 }

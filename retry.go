@@ -4,7 +4,6 @@ import (
 	"context"
 	"database/sql/driver"
 	"errors"
-	"fmt"
 	"math/rand/v2"
 	"time"
 
@@ -102,35 +101,39 @@ func isIdempotent(ctx context.Context) bool {
 
 // retryStatement decides whether a statement that failed with err may be
 // run again on another connection, that is, whether the wrapper may report
-// driver.ErrBadConn to database/sql. A write must never run twice: when in
-// doubt, do not retry.
-func (c *conn) retryStatement(ctx context.Context, err error, class Class, inTx bool) bool {
+// driver.ErrBadConn to database/sql, and says why. A write must never run
+// twice: when in doubt, do not retry.
+func (c *conn) retryStatement(ctx context.Context, err error, class Class, inTx bool) RetryReason {
 	if c.c.opts.Retry == RetryOff {
-		return false // the user turned the wrapper's retries off
+		return ReasonRetryOff // the user turned the wrapper's retries off
 	}
 	if inTx {
-		return false // earlier statements of the transaction ran on this connection: only the caller can rerun it whole
+		return ReasonInTx // earlier statements of the transaction ran on this connection: only the caller can rerun it whole
 	}
 	if pgconn.SafeToRetry(err) {
-		return true // pgconn proves nothing was sent
+		return ReasonNotSent // pgconn proves nothing was sent
 	}
 	if class == ClassReadOnly && c.c.rejectReadOnly {
-		return true // rejected by a demoted primary: not executed
+		return ReasonReadOnly // rejected by a demoted primary: not executed
 	}
 	if isIdempotent(ctx) && (class == ClassConnLost || class == ClassShutdown || class == ClassSessionTimeout) {
-		return true // ambiguous, but the caller vouched it may run twice
+		return ReasonIdempotent // ambiguous, but the caller vouched it may run twice
 	}
-	return false // conservatively: it may have executed
+	return ReasonMayHaveRun // conservatively: it may have executed
 }
 
 // handleErr runs on every failed statement: it marks the connection bad on
 // a disconnect, invalidates the pool on a server-wide event, and turns the
 // error into a retry (wrapping driver.ErrBadConn) only when retryStatement
-// allows it. The original error stays in the chain for errors.Is/As.
+// allows it. An error that says the connection failed comes back as a
+// *StatementError that tells the caller whether and why it was retried;
+// any other error (a syntax error, a constraint violation) is returned as
+// it is. The original error stays in the chain for errors.Is/As.
 func (c *conn) handleErr(ctx context.Context, err error, inTx bool) error {
 	class := Classify(err)
+	readOnlyFailover := class == ClassReadOnly && c.c.rejectReadOnly
 	switch {
-	case class == ClassReadOnly && c.c.rejectReadOnly:
+	case readOnlyFailover:
 		// A demoted primary: every connection made before now may point at
 		// it, so the pool reconnects (multi-host DSNs then find the new one).
 		c.bad.Store(true)
@@ -147,11 +150,14 @@ func (c *conn) handleErr(ctx context.Context, err error, inTx bool) error {
 		c.bad.Store(true)
 	}
 	if errors.Is(err, driver.ErrBadConn) {
+		// Already a retry, by the driver's own proof (pgx stdlib for
+		// SafeToRetry errors, mysql when nothing was written).
 		c.bad.Store(true)
-		return err // already a retry, by the driver's own proof
+		return &StatementError{Class: class, Reason: ReasonNotSent, Err: err}
 	}
-	if c.retryStatement(ctx, err, class, inTx) {
-		return fmt.Errorf("resilientpg: retrying on another connection: %w: %w", driver.ErrBadConn, err)
+	reason := c.retryStatement(ctx, err, class, inTx)
+	if reason.Retried() || readOnlyFailover || IsDisconnect(err) {
+		return &StatementError{Class: class, Reason: reason, Err: err}
 	}
 	return err
 }

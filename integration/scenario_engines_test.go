@@ -220,7 +220,7 @@ func (s *scServer) killAll(ctx context.Context, t testing.TB) int {
 			AND USER NOT IN ('system user', 'event_scheduler')`)
 		for _, id := range ids {
 			_, err := conn.ExecContext(ctx, "KILL CONNECTION "+id)
-			if me, ok := errors.AsType[*mysql.MySQLError](err); ok && me.Number == 1094 {
+			if me := (*mysql.MySQLError)(nil); errors.As(err, &me) && me.Number == 1094 {
 				continue // ended on its own meanwhile
 			}
 			if err != nil {
