@@ -1,0 +1,1 @@
+DROP TABLE ex_migrate_items;

@@ -1,0 +1,1 @@
+CREATE TABLE ex_migrate_items (id BIGINT PRIMARY KEY, name VARCHAR(100) NOT NULL);

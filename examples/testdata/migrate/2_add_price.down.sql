@@ -1,0 +1,1 @@
+ALTER TABLE ex_migrate_items DROP COLUMN price;

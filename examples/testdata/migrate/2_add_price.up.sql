@@ -1,0 +1,1 @@
+ALTER TABLE ex_migrate_items ADD COLUMN price INT NOT NULL DEFAULT 0;
