@@ -42,9 +42,15 @@ type conn struct {
 	sock *sockCheck     // nil when the socket is out of reach
 	gen  uint64         // the connector's generation at connect
 
+	id   int64     // the connector's sequence number, for log records
+	born time.Time // when it connected
+
 	lastActive time.Time   // last checkout or return; guarded by the driverConn lock
 	txOpen     bool        // BeginTx succeeded since the last checkout; guarded by the driverConn lock
+	fresh      bool        // not yet used: its first call is its checkout; guarded by the driverConn lock
 	bad        atomic.Bool // sticky: the conn must not be reused
+	txFlag     atomic.Bool // txOpen, for the leak watcher's goroutine
+	out        checkout    // the current borrow, for the gauges and leak detection
 }
 
 // Compile-time proof of the full interface set.
@@ -61,8 +67,8 @@ var (
 )
 
 func newConn(c *Connector, inner driver.Conn, now time.Time) *conn {
-	w := &conn{inner: inner, c: c, lastActive: now, gen: c.gen.Load(),
-		life: newLifetime(now, c.opts.MaxAge, c.opts.MaxAgeJitter)}
+	w := &conn{inner: inner, c: c, lastActive: now, born: now, fresh: true, gen: c.gen.Load(),
+		id: c.connID.Add(1), life: newLifetime(now, c.opts.MaxAge, c.opts.MaxAgeJitter)}
 	w.prepCtx, _ = inner.(driver.ConnPrepareContext)
 	w.beginTx, _ = inner.(driver.ConnBeginTx)
 	w.execCtx, _ = inner.(driver.ExecerContext)
@@ -99,7 +105,18 @@ func (c *conn) inTx() bool {
 	return c.txOpen
 }
 
+// firstUse is the checkout of a fresh connection: database/sql makes no
+// driver call when it hands one out, so its first call stands for it.
+func (c *conn) firstUse() {
+	c.fresh = false
+	c.c.stats.checkouts.Add(1)
+	c.markOut(time.Now())
+}
+
 func (c *conn) Prepare(query string) (driver.Stmt, error) {
+	if c.fresh {
+		c.firstUse()
+	}
 	inTx := c.inTx()
 	s, err := c.inner.Prepare(query)
 	if err != nil {
@@ -111,6 +128,9 @@ func (c *conn) Prepare(query string) (driver.Stmt, error) {
 // PrepareContext forwards, or does what database/sql's ctxDriverPrepare does.
 func (c *conn) PrepareContext(ctx context.Context, query string) (driver.Stmt, error) {
 	if c.prepCtx != nil {
+		if c.fresh {
+			c.firstUse()
+		}
 		inTx := c.inTx()
 		s, err := c.prepCtx.PrepareContext(ctx, query)
 		if err != nil {
@@ -130,21 +150,36 @@ func (c *conn) PrepareContext(ctx context.Context, query string) (driver.Stmt, e
 	return s, err
 }
 
-func (c *conn) Close() error { return c.inner.Close() }
+// Close closes the inner conn. database/sql calls it for a conn it
+// discards, without IsValid when the conn failed with driver.ErrBadConn, so
+// a checkout also ends here.
+func (c *conn) Close() error {
+	c.markBack(time.Now())
+	c.c.stats.connsClosed.Add(1)
+	c.c.track.remove(c)
+	return c.inner.Close()
+}
 
 // Begin is required by driver.Conn; database/sql calls BeginTx.
 func (c *conn) Begin() (driver.Tx, error) {
+	if c.fresh {
+		c.firstUse()
+	}
 	tx, err := c.inner.Begin() //lint:ignore SA1019 forwarding the required method
 	if err != nil {
 		return nil, c.handleErr(context.Background(), err, true)
 	}
 	c.txOpen = true
+	c.txFlag.Store(true)
 	return tx, nil
 }
 
 // BeginTx forwards, or does what database/sql's ctxDriverBegin does.
 func (c *conn) BeginTx(ctx context.Context, opts driver.TxOptions) (driver.Tx, error) {
 	if c.beginTx != nil {
+		if c.fresh {
+			c.firstUse()
+		}
 		tx, err := c.beginTx.BeginTx(ctx, opts)
 		if err != nil {
 			// Nothing of the transaction ran yet, but BEGIN itself is
@@ -152,6 +187,7 @@ func (c *conn) BeginTx(ctx context.Context, opts driver.TxOptions) (driver.Tx, e
 			return nil, c.handleErr(ctx, err, true)
 		}
 		c.txOpen = true
+		c.txFlag.Store(true)
 		return tx, nil
 	}
 	// Same checks and messages as database/sql.
@@ -176,6 +212,9 @@ func (c *conn) BeginTx(ctx context.Context, opts driver.TxOptions) (driver.Tx, e
 // ExecContext forwards, falls back to the legacy Execer as database/sql's
 // ctxDriverExec does, or returns ErrSkip so database/sql prepares instead.
 func (c *conn) ExecContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Result, error) {
+	if c.fresh {
+		c.firstUse()
+	}
 	inTx := c.inTx()
 	if c.execCtx != nil {
 		r, err := c.execCtx.ExecContext(ctx, query, args)
@@ -203,6 +242,9 @@ func (c *conn) ExecContext(ctx context.Context, query string, args []driver.Name
 
 // QueryContext forwards like ExecContext.
 func (c *conn) QueryContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Rows, error) {
+	if c.fresh {
+		c.firstUse()
+	}
 	inTx := c.inTx()
 	if c.queryCtx != nil {
 		r, err := c.queryCtx.QueryContext(ctx, query, args)
@@ -241,6 +283,9 @@ func (c *conn) CheckNamedValue(nv *driver.NamedValue) error {
 // Ping forwards; without an inner Pinger database/sql treats a conn it
 // could obtain as alive, so nil is the equivalent.
 func (c *conn) Ping(ctx context.Context) error {
+	if c.fresh {
+		c.firstUse()
+	}
 	if c.pinger == nil {
 		return nil
 	}

@@ -7,8 +7,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"reflect"
+	"strconv"
 	"sync/atomic"
 	"time"
 
@@ -23,45 +25,82 @@ import (
 // are fixed when it is made.
 type Connector struct {
 	inner          driver.Connector
-	drv            *Driver
+	drv            *Driver // this connector's own copy, owner set
 	opts           Options
-	rejectReadOnly bool // RejectReadOnly resolved against the DSN
-	ownsPgx        bool // inner is a pgx connector this package built
+	writable       bool   // the DSN asks for a writable server
+	target         target // the server, for log records
+	rejectReadOnly bool   // RejectReadOnly resolved against the DSN
+	ownsPgx        bool   // inner is a pgx connector this package built
+	captureSock    bool   // the inner driver's dial hook hands its socket back (mysql)
+	plaintext      bool   // with captureSock: the socket carries no TLS
+	db             *sql.DB
 
 	gen  atomic.Uint64 // bumped by invalidate; a conn of an older one is discarded
 	gate *dialGate     // shared with the inner connector's dial hook, if it has one
+
+	stats  counters
+	ev     events
+	track  tracker
+	mon    monitor
+	connID atomic.Int64 // the last connection id handed out
 }
 
 var _ driver.Connector = (*Connector)(nil)
 
-func newConnectorFrom(inner driver.Connector, d *Driver, o Options, writableTarget bool, g *dialGate) *Connector {
-	c := &Connector{inner: inner, drv: d, opts: o, gate: g}
-	switch o.RejectReadOnly {
+// init finishes a connector whose options are final.
+func (c *Connector) init(inner driver.Connector, d *Driver) {
+	c.inner = inner
+	own := *d
+	own.owner = c
+	c.drv = &own
+	switch c.opts.RejectReadOnly {
 	case ReadOnlyReject:
 		c.rejectReadOnly = true
 	case ReadOnlyAuto:
-		c.rejectReadOnly = writableTarget
+		c.rejectReadOnly = c.writable
 	}
-	c.gate.bo = backoff{initial: o.ConnectBackoff, max: o.ConnectBackoffMax}
-	return c
+	c.gate.bo = backoff{initial: c.opts.ConnectBackoff, max: c.opts.ConnectBackoffMax}
+	c.gate.c = c
+	c.ev.init(&c.opts, c.target)
+	c.track.epoch = time.Now()
 }
 
-// wrap wraps a new inner connection; its max age is drawn here.
-func (c *Connector) wrap(inner driver.Conn) *conn {
-	return newConn(c, inner, time.Now())
+// wrap wraps a new inner connection; its max age is drawn here. sock is
+// its socket when the driver hides it, else nil.
+func (c *Connector) wrap(inner driver.Conn, sock net.Conn) *conn {
+	w := newConn(c, inner, time.Now())
+	if sock != nil && w.sock == nil {
+		w.sock = newSockCheck(sock)
+		if w.sock != nil {
+			w.sock.plaintext, w.sock.mysql = c.plaintext, true
+		}
+	}
+	c.stats.connsOpened.Add(1)
+	c.track.add(w)
+	if c.opts.LeakThreshold > 0 {
+		c.startMonitor(false)
+	}
+	return w
 }
 
 // invalidate retires every connection made so far: each is discarded at
 // its next checkout or return, without a ping (SQLAlchemy's pool-wide
 // invalidation).
-func (c *Connector) invalidate() { c.gen.Add(1) }
+func (c *Connector) invalidate(cause InvalidationCause) {
+	c.gen.Add(1)
+	c.stats.invalidations[cause].Add(1)
+	c.ev.emit(evPoolInvalidated, slog.LevelWarn, "resilientpg: every pooled connection retired", slog.String("cause", cause.String()))
+}
 
-// Driver returns the wrapping driver.
+// Driver returns the wrapping driver: a copy of the registered one that
+// belongs to this connector (see StatsOf).
 func (c *Connector) Driver() driver.Driver { return c.drv }
 
-// Close closes the inner connector if it has a Close method; database/sql
-// calls it from DB.Close.
+// Close stops the connector's background goroutine, if one runs, and
+// closes the inner connector if it has a Close method; database/sql calls
+// it from DB.Close.
 func (c *Connector) Close() error {
+	c.stopMonitor()
 	if cl, ok := c.inner.(io.Closer); ok {
 		return cl.Close()
 	}
@@ -118,6 +157,10 @@ func Open(driverName, dsn string) (*sql.DB, error) {
 
 func openDB(c *Connector) *sql.DB {
 	db := sql.OpenDB(c)
+	c.db = db
+	if c.ev.enabled(slog.LevelWarn) {
+		c.watchExhaustion()
+	}
 	if c.opts.MaxOpenConns != Unset {
 		db.SetMaxOpenConns(c.opts.MaxOpenConns)
 	}
@@ -143,7 +186,9 @@ func newConnector(inner any, opts Options, dsns []string, poolSizing bool) (*Con
 		if err := checkOptions(&opts, poolSizing); err != nil {
 			return nil, err
 		}
-		return newConnectorFrom(in, genericDriver(in.Driver(), opts), opts, false, &dialGate{}), nil
+		c := &Connector{opts: opts, gate: &dialGate{}, target: target{system: "other_sql"}}
+		c.init(in, genericDriver(in.Driver(), opts))
+		return c, nil
 	case *stdlib.Driver:
 		return pgDriver.connector(dsn, opts, poolSizing)
 	case *mysql.MySQLDriver:
@@ -170,20 +215,22 @@ func checkOptions(o *Options, poolSizing bool) error {
 
 // pgConnector builds the pgx connector. Exactly one layer pings: the
 // wrapper's checkout policy, so pgx's own checkout ping is switched off.
-func pgConnector(dsn string, o *Options, poolSizing bool, g *dialGate) (driver.Connector, bool, error) {
-	cfg, err := parsePgConfig(dsn, o, poolSizing)
+func pgConnector(c *Connector, dsn string, poolSizing bool) (driver.Connector, error) {
+	c.target = target{system: "postgresql"}
+	cfg, err := parsePgConfig(dsn, &c.opts, poolSizing)
 	if err != nil {
 		// A name made by stdlib.RegisterConnConfig is not a DSN; pgx's own
 		// driver knows it. It cannot carry resilient_ keys.
 		if isRegisteredPgxName(dsn) {
-			if err := checkOptions(o, poolSizing); err != nil {
-				return nil, false, err
+			if err := checkOptions(&c.opts, poolSizing); err != nil {
+				return nil, err
 			}
-			c, err := stdlib.GetDefaultDriver().(driver.DriverContext).OpenConnector(dsn)
-			return c, false, err
+			return stdlib.GetDefaultDriver().(driver.DriverContext).OpenConnector(dsn)
 		}
-		return nil, false, err
+		return nil, err
 	}
+	c.target.address, c.target.port = cfg.Host, int(cfg.Port)
+	g := c.gate
 	dial := cfg.DialFunc
 	cfg.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
 		if g.sideDialsBlocked(ctx) {
@@ -191,7 +238,8 @@ func pgConnector(dsn string, o *Options, poolSizing bool, g *dialGate) (driver.C
 		}
 		return dial(ctx, network, addr)
 	}
-	return stdlib.GetConnector(*cfg, stdlib.OptionShouldPing(neverPing)), writableTarget(cfg), nil
+	c.writable = writableTarget(cfg)
+	return stdlib.GetConnector(*cfg, stdlib.OptionShouldPing(neverPing)), nil
 }
 
 // errSideDialSkipped is what pgx's cancel request gets while the server is
@@ -234,13 +282,32 @@ func isRegisteredPgxName(dsn string) bool {
 // mysqlConnector builds the go-sql-driver/mysql connector.
 // Its writable-target answer is false: mysql's own rejectReadOnly=true
 // handles a demoted primary inside the driver.
-func mysqlConnector(dsn string, o *Options, poolSizing bool, _ *dialGate) (driver.Connector, bool, error) {
-	cfg, err := parseMySQLConfig(dsn, o, poolSizing)
+func mysqlConnector(c *Connector, dsn string, poolSizing bool) (driver.Connector, error) {
+	c.target = target{system: "mysql"}
+	cfg, err := parseMySQLConfig(dsn, &c.opts, poolSizing)
 	if err != nil {
-		return nil, false, err
+		return nil, err
 	}
-	c, err := mysql.NewConnector(cfg)
-	return c, false, err
+	if host, port, err := net.SplitHostPort(cfg.Addr); err == nil && cfg.Net == "tcp" {
+		c.target.address = host
+		c.target.port, _ = strconv.Atoi(port)
+	}
+	// The driver's own log lines join the connector's events, or go
+	// nowhere when logging is off; by default the driver prints them.
+	cfg.Logger = mysqlLogger{c}
+	// The driver keeps its socket to itself; a dial hook lends it to the
+	// checkout's peek. A network registered with mysql.RegisterDialContext
+	// keeps its own dialer (and no peek): it is not a plain socket.
+	switch {
+	case cfg.DialFunc != nil:
+		cfg.DialFunc = captureDial(cfg.DialFunc)
+	case cfg.Net == "tcp" || cfg.Net == "tcp4" || cfg.Net == "tcp6" || cfg.Net == "unix":
+		var d net.Dialer
+		cfg.DialFunc = captureDial(d.DialContext)
+	}
+	c.captureSock = cfg.DialFunc != nil
+	c.plaintext = cfg.TLS == nil
+	return mysql.NewConnector(cfg)
 }
 
 // parseMySQLConfig uses the driver's own parser, whose Params map holds the

@@ -5,6 +5,8 @@ import (
 	"database/sql/driver"
 	"errors"
 	"fmt"
+	"log/slog"
+	"net"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -41,6 +43,11 @@ type dialGate struct {
 	lastErr   error         // guarded by mu: the error that closed the gate, or the last probe's
 	restarted bool          // guarded by mu: a refusal was seen while down, so recovery means a new server
 
+	suspectAt time.Time  // guarded by mu: when the gate last turned suspect
+	lastFail  time.Time  // guarded by mu: the last failed dial while closed
+	outProbes int64      // guarded by mu: probes in the current outage
+	c         *Connector // for counters and events
+
 	down         atomic.Bool  // state == gateDown, for the side-dial check without the lock
 	suspectUntil atomic.Int64 // UnixNano: side dials are skipped until then after a disconnect
 	dials        atomic.Int64 // every dial Connect made
@@ -63,14 +70,15 @@ func (c *Connector) Connect(ctx context.Context) (driver.Conn, error) {
 	g := c.gate
 	var waitingSince time.Time // when this caller first found the server down
 	attempts := 0              // dials this call made, for the error when it gives up
+	waited := false            // this call waited for another's probe
 	for {
 		g.mu.Lock()
 		if g.state == gateOpen {
 			g.mu.Unlock()
 			attempts++
-			inner, err := c.dial(ctx)
+			inner, sock, err := c.dial(ctx)
 			if err == nil {
-				return c.wrap(inner), nil
+				return c.wrap(inner, sock), nil
 			}
 			if !retryableConnect(err) || ctx.Err() != nil {
 				return nil, connectErr(err)
@@ -93,10 +101,15 @@ func (c *Connector) Connect(ctx context.Context) (driver.Conn, error) {
 		if impatient && !probeDue {
 			err := &ServerDownError{Since: g.since, Attempts: attempts, Err: g.lastErr}
 			g.mu.Unlock()
+			c.stats.failedFast.Add(1)
 			return nil, err
 		}
 		if ch := g.probe; ch != nil {
 			g.mu.Unlock()
+			if !waited {
+				waited = true
+				c.stats.waited.Add(1)
+			}
 			select {
 			case <-ch:
 				continue // the probe ended: the gate is open, or it is our turn
@@ -112,23 +125,29 @@ func (c *Connector) Connect(ctx context.Context) (driver.Conn, error) {
 
 		err := sleepCtx(ctx, wait)
 		var inner driver.Conn
-		if err == nil {
+		var sock net.Conn
+		dialed := err == nil
+		if dialed {
 			attempts++
-			inner, err = c.dial(ctx)
+			c.stats.probes.Add(1)
+			inner, sock, err = c.dial(ctx)
 		}
 		g.mu.Lock()
 		g.probe = nil
 		close(ch)
+		if dialed {
+			g.outProbes++
+		}
 		switch {
 		case err == nil:
 			if g.restarted {
 				// Refused, then accepted: a new server. Connections from before
 				// belong to the old one.
-				c.invalidate()
+				c.invalidate(InvalidRestart)
 			}
 			g.open()
 			g.mu.Unlock()
-			return c.wrap(inner), nil
+			return c.wrap(inner, sock), nil
 		case ctx.Err() != nil:
 			g.mu.Unlock()
 			return nil, c.waitErr(ctx, attempts)
@@ -151,19 +170,30 @@ func (g *dialGate) suspect() {
 	if g.state == gateOpen {
 		now := time.Now()
 		g.state = gateSuspect
+		g.suspectAt = now
 		g.notBefore = now // probe at once
 		g.suspectUntil.Store(now.Add(g.bo.max).UnixNano())
 	}
 	g.mu.Unlock()
 }
 
-// close marks the server down after a retryable dial failure. mu is held.
+// close marks the server down after a retryable dial failure: an outage
+// begins, dated from when a pooled connection first lost the server, if
+// one did. mu is held.
 func (g *dialGate) close(err error) {
+	now := time.Now()
+	g.since = now
+	if g.state == gateSuspect && !g.suspectAt.IsZero() {
+		g.since = g.suspectAt
+	}
 	g.state = gateDown
 	g.down.Store(true)
-	g.since = time.Now()
+	g.outProbes = 0
 	g.bo.reset()
 	g.fail(err)
+	g.c.stats.outages.Add(1)
+	g.c.ev.emit(evServerDown, slog.LevelWarn, "resilientpg: server unreachable; connects wait for a probe",
+		errAttrs(err)...)
 }
 
 // fail records a failed dial and schedules the next probe. mu is held.
@@ -172,7 +202,9 @@ func (g *dialGate) fail(err error) {
 	if serverGone(err) {
 		g.restarted = true
 	}
-	g.notBefore = time.Now().Add(g.bo.next())
+	now := time.Now()
+	g.lastFail = now
+	g.notBefore = now.Add(g.bo.next())
 }
 
 // serverGone reports whether a failed dial shows the server process itself
@@ -193,8 +225,19 @@ func serverGone(err error) bool {
 	return false
 }
 
-// open marks the server up. mu is held.
+// open marks the server up. mu is held. An outage's downtime ends at the
+// midpoint between the last failed probe and the first that got through:
+// the server came back somewhere in that gap, so the error is at most half
+// a backoff step.
 func (g *dialGate) open() {
+	if g.state == gateDown {
+		now := time.Now()
+		end := g.lastFail.Add(now.Sub(g.lastFail) / 2)
+		down := end.Sub(g.since)
+		g.c.stats.downNanos.Add(int64(down))
+		g.c.ev.emit(evServerUp, slog.LevelInfo, "resilientpg: server reachable again",
+			slog.Duration("downtime", down), slog.Int64("probes", g.outProbes))
+	}
 	g.state, g.restarted, g.lastErr = gateOpen, false, nil
 	g.down.Store(false)
 	g.suspectUntil.Store(0)
@@ -215,9 +258,55 @@ func (g *dialGate) sideDialsBlocked(ctx context.Context) bool {
 	return g.down.Load() || time.Now().UnixNano() < g.suspectUntil.Load()
 }
 
-func (c *Connector) dial(ctx context.Context) (driver.Conn, error) {
+// dial makes one inner connection. For a driver whose connection hides its
+// socket (go-sql-driver/mysql), the dial hook hands the socket back through
+// ctx, so that checkout can peek at it.
+func (c *Connector) dial(ctx context.Context) (driver.Conn, net.Conn, error) {
 	c.gate.dials.Add(1)
-	return c.inner.Connect(ctx)
+	var sock net.Conn
+	if c.captureSock {
+		ctx = context.WithValue(ctx, sockKey{}, &sock)
+	}
+	start := time.Now()
+	conn, err := c.inner.Connect(ctx)
+	c.stats.connectNanos.Add(int64(time.Since(start)))
+	if err != nil {
+		c.stats.connectFailures[Classify(err)].Add(1)
+		if c.ev.enabled(slog.LevelWarn) {
+			c.ev.emit(evConnectFailed, slog.LevelWarn, "resilientpg: connect failed", errAttrs(err)...)
+		}
+	}
+	return conn, sock, err
+}
+
+// sockKey carries a *net.Conn from dial to the inner driver's dial hook.
+type sockKey struct{}
+
+// captureDial wraps a dial function so that it hands its socket to dial.
+func captureDial(dial func(ctx context.Context, network, addr string) (net.Conn, error)) func(ctx context.Context, network, addr string) (net.Conn, error) {
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
+		nc, err := dial(ctx, network, addr)
+		if p, ok := ctx.Value(sockKey{}).(*net.Conn); ok && err == nil {
+			*p = nc
+		}
+		return nc, err
+	}
+}
+
+// stats is the gate's part of a Stats snapshot.
+func (g *dialGate) stats(k *counters) GateStats {
+	s := GateStats{Outages: k.outages.Load(), Probes: k.probes.Load(), Waited: k.waited.Load(),
+		FailedFast: k.failedFast.Load(), Downtime: time.Duration(k.downNanos.Load())}
+	g.mu.Lock()
+	switch g.state {
+	case gateSuspect:
+		s.State = ServerSuspect
+	case gateDown:
+		s.State = ServerDown
+		s.Downtime += time.Since(g.since)
+	}
+	g.mu.Unlock()
+	return s
 }
 
 // waitErr is the error of a caller whose context ended while the server

@@ -274,7 +274,7 @@ func TestSideDialsBlockedOnlyWhileDown(t *testing.T) {
 }
 
 func testSideDials(t *testing.T) {
-	g := &dialGate{bo: backoff{initial: 100 * time.Millisecond, max: time.Second}}
+	g := &dialGate{bo: backoff{initial: 100 * time.Millisecond, max: time.Second}, c: &Connector{}}
 	ours := context.WithValue(context.Background(), connectKey{}, true)
 	side := context.Background()
 	if g.sideDialsBlocked(side) {

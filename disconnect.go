@@ -49,16 +49,30 @@ const (
 	// ClassAuth: bad credentials or a missing database (28P01, 28000,
 	// 3D000, 1045, 1044, 1049, 1698). Never retried: it will not heal.
 	ClassAuth
+	numClasses
 )
 
-var classNames = [...]string{"none", "other", "canceled", "connection lost", "server shutdown",
+var classNames = [numClasses]string{"none", "other", "canceled", "connection lost", "server shutdown",
 	"cannot connect", "session timeout", "read-only", "serialization", "auth"}
 
+var classLabels = [numClasses]string{"none", "other", "canceled", "conn_lost", "shutdown",
+	"cannot_connect", "session_timeout", "read_only", "serialization", "auth"}
+
 func (c Class) String() string {
-	if int(c) < len(classNames) {
+	if c < numClasses {
 		return classNames[c]
 	}
 	return "Class(" + strconv.Itoa(int(c)) + ")"
+}
+
+// Label is the class as a metric label or log attribute value: conn_lost,
+// shutdown, cannot_connect, session_timeout, read_only, serialization, auth,
+// canceled, other, none.
+func (c Class) Label() string {
+	if c < numClasses {
+		return classLabels[c]
+	}
+	return c.String()
 }
 
 // IsDisconnect reports whether err means the connection it came from can no
@@ -171,18 +185,34 @@ func classifyMySQL(me *mysql.MySQLError) Class {
 }
 
 // serverWide reports whether err proves an event that affects every
-// connection to the server, not just the one it came from. 57P01 and 1927
-// do not: pg_terminate_backend and KILL end one session with the same code
-// a shutdown uses, so a restart is instead recognised by the refused-then-
-// accepted sequence the connector sees.
-func serverWide(err error) bool {
+// connection to the server, not just the one it came from, and which. 57P01
+// and 1927 do not: pg_terminate_backend and KILL end one session with the
+// same code a shutdown uses, so a restart is instead recognised by the
+// refused-then-accepted sequence the connector sees.
+func serverWide(err error) (InvalidationCause, bool) {
 	if pe, ok := asType[*pgconn.PgError](err); ok {
-		return pe.Code == "57P02" // crash_shutdown: every backend is gone
+		return InvalidCrash, pe.Code == "57P02" // crash_shutdown: every backend is gone
 	}
 	if me, ok := asType[*mysql.MySQLError](err); ok {
-		return me.Number == 1053 // the server is shutting down
+		return InvalidShutdown, me.Number == 1053 // the server is shutting down
 	}
-	return false
+	return 0, false
+}
+
+// asPgError returns the SQLSTATE of a PostgreSQL error in err's chain.
+func asPgError(err error) (string, bool) {
+	if pe, ok := asType[*pgconn.PgError](err); ok {
+		return pe.Code, true
+	}
+	return "", false
+}
+
+// asMySQLNumber returns the number of a MySQL error in err's chain.
+func asMySQLNumber(err error) (uint16, bool) {
+	if me, ok := asType[*mysql.MySQLError](err); ok {
+		return me.Number, true
+	}
+	return 0, false
 }
 
 // asType is Go 1.26's errors.AsType, kept local so the module builds with

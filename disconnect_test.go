@@ -143,7 +143,7 @@ func TestServerWide(t *testing.T) {
 		{&mysql.MySQLError{Number: 1927}, false}, // also KILL
 		{io.EOF, false},
 	} {
-		if got := serverWide(wrap(tc.err)); got != tc.want {
+		if _, got := serverWide(wrap(tc.err)); got != tc.want {
 			t.Errorf("serverWide(%v) = %v, want %v", tc.err, got, tc.want)
 		}
 	}

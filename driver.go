@@ -72,10 +72,15 @@ import (
 type Driver struct {
 	name  string
 	inner driver.Driver
-	// build parses dsn into an inner connector, claiming resilient_ keys
-	// into o, and reports whether the DSN asks for a writable server.
-	// g is the connector's dial gate, for dial hooks.
-	build func(dsn string, o *Options, poolSizing bool, g *dialGate) (driver.Connector, bool, error)
+	// build parses dsn into c's inner connector, claiming resilient_ keys
+	// into c.opts and noting c.writable and c.target; the inner connector's
+	// hooks may keep c (the dial gate, the mysql logger).
+	build func(c *Connector, dsn string, poolSizing bool) (driver.Connector, error)
+	// owner is the connector this copy of the driver belongs to: each
+	// Connector hands database/sql a Driver of its own, so that StatsOf can
+	// find the connector behind a *sql.DB through db.Driver(). Nil for the
+	// registered drivers.
+	owner *Connector
 }
 
 var (
@@ -122,13 +127,13 @@ func (d *Driver) OpenConnector(dsn string) (driver.Connector, error) {
 func (d *Driver) Unwrap() driver.Driver { return d.inner }
 
 func (d *Driver) connector(dsn string, o Options, poolSizing bool) (*Connector, error) {
-	g := &dialGate{}
-	inner, writable, err := d.build(dsn, &o, poolSizing, g)
+	c := &Connector{opts: o, gate: &dialGate{}}
+	inner, err := d.build(c, dsn, poolSizing)
 	if err != nil {
 		return nil, err
 	}
-	c := newConnectorFrom(inner, d, o, writable, g)
-	c.ownsPgx = d == pgDriver
+	c.ownsPgx = d.inner == pgDriver.inner && d.name == pgDriver.name
+	c.init(inner, d)
 	return c, nil
 }
 
@@ -136,17 +141,17 @@ func (d *Driver) connector(dsn string, o Options, poolSizing bool) (*Connector, 
 // the DSN goes through untouched, with fixed options.
 func genericDriver(inner driver.Driver, fixed Options) *Driver {
 	return &Driver{name: "resilientpg(generic)", inner: inner,
-		build: func(dsn string, o *Options, poolSizing bool, _ *dialGate) (driver.Connector, bool, error) {
+		build: func(c *Connector, dsn string, poolSizing bool) (driver.Connector, error) {
 			if key, ok := genericDSNKey(dsn); ok {
-				return nil, false, &ConfigError{Key: key, Value: "(in the DSN)",
+				return nil, &ConfigError{Key: key, Value: "(in the DSN)",
 					Allowed: "resilient_ keys only in resilientpg and resilientmysql DSNs; set Options fields for other drivers"}
 			}
-			*o = fixed
+			c.opts = fixed
+			c.target = target{system: "other_sql"}
 			if dc, ok := inner.(driver.DriverContext); ok {
-				c, err := dc.OpenConnector(dsn)
-				return c, false, err
+				return dc.OpenConnector(dsn)
 			}
-			return dsnConnector{dsn: dsn, drv: inner}, false, nil
+			return dsnConnector{dsn: dsn, drv: inner}, nil
 		}}
 }
 

@@ -26,8 +26,14 @@ func TestRegistration(t *testing.T) {
 		if err != nil {
 			t.Fatalf("sql.Open(%q): %v", d.name, err)
 		}
-		if db.Driver() != d {
-			t.Errorf("sql.Open(%q).Driver() = %T, want the package's driver", d.name, db.Driver())
+		// Each connector hands database/sql its own copy of the driver,
+		// through which StatsOf finds it.
+		own, ok := db.Driver().(*Driver)
+		if !ok || own.name != d.name || own.Unwrap() != d.Unwrap() || own.owner == nil || connectorOf(db) != own.owner {
+			t.Errorf("sql.Open(%q).Driver() = %#v, want a copy of the package's driver owned by the db's connector", d.name, db.Driver())
+		}
+		if _, ok := StatsOf(db); !ok {
+			t.Errorf("StatsOf(sql.Open(%q)) = false", d.name)
 		}
 		db.Close()
 	}
@@ -64,8 +70,8 @@ func TestDriverContext(t *testing.T) {
 		if !ok {
 			t.Fatalf("%s: OpenConnector returned %T, want *Connector", tc.dsn, dc)
 		}
-		if c.Driver() != tc.d || c.Options().Ping != PingAlways {
-			t.Errorf("%s: driver %v, ping %v; want the same driver and ping=always", tc.dsn, c.Driver(), c.Options().Ping)
+		if own := c.Driver().(*Driver); own.name != tc.d.name || own.owner != c || c.Options().Ping != PingAlways {
+			t.Errorf("%s: driver %v, ping %v; want the connector's copy of the driver and ping=always", tc.dsn, c.Driver(), c.Options().Ping)
 		}
 		if err := c.Close(); err != nil {
 			t.Errorf("%s: Close: %v", tc.dsn, err)
@@ -157,8 +163,8 @@ func TestPgxDriverDSNThroughNewConnector(t *testing.T) {
 	if c.Options().Ping != PingNever {
 		t.Errorf("Ping = %v, want never", c.Options().Ping)
 	}
-	if c.Driver() != pgDriver {
-		t.Error("Driver() must be the resilientpg driver")
+	if own := c.Driver().(*Driver); own.name != pgDriver.name || own.owner != c {
+		t.Error("Driver() must be the connector's copy of the resilientpg driver")
 	}
 	if pgDriver.Unwrap() != stdlib.GetDefaultDriver() {
 		t.Error("Unwrap must return pgx's driver")

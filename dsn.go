@@ -30,6 +30,8 @@ const (
 	keyConnectWait       = "resilient_connect_wait"
 	keyRetry             = "resilient_retry"
 	keyRejectReadOnly    = "resilient_reject_read_only"
+	keyLog               = "resilient_log"
+	keyLeakThreshold     = "resilient_leak_threshold"
 )
 
 // dsnKey is one claimable key and how it sets its Options field.
@@ -72,6 +74,9 @@ var dsnKeys = []dsnKey{
 		map[string]RetryPolicy{"safe": RetrySafe, "off": RetryOff})},
 	{keyRejectReadOnly, "auto, true or false", enumKey(func(o *Options) *ReadOnlyPolicy { return &o.RejectReadOnly },
 		map[string]ReadOnlyPolicy{"auto": ReadOnlyAuto, "true": ReadOnlyReject, "false": ReadOnlyAllow})},
+	{keyLog, "off, error, warn, info or debug", enumKey(func(o *Options) *LogLevel { return &o.Log },
+		map[string]LogLevel{"off": LogOff, "error": LogError, "warn": LogWarn, "info": LogInfo, "debug": LogDebug})},
+	{keyLeakThreshold, "a duration >= 0 such as 30s (0 = off)", durationKey(func(o *Options) *time.Duration { return &o.LeakThreshold })},
 }
 
 // errBadValue stands for "not one of the allowed values"; ConfigError.Allowed

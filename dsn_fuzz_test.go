@@ -15,6 +15,7 @@ func FuzzDSN(f *testing.F) {
 		"resilient_ping_idle=-1s", "RESILIENT_PING=never", "resilient_max_age_jitter=10%25",
 		"resilient_pingg=1", "resilient_max_open_conns=3", "sslmode=disable&application_name=x",
 		"resilient_ping_timeout=0", "a=b&resilient_max_idle_time=5m&c=d",
+		"resilient_log=debug&resilient_leak_threshold=30s", "resilient_log=loud", "resilient_leak_threshold=-1s",
 	} {
 		for form := range 3 {
 			f.Add(uint8(form), "pw5678", q)

@@ -2,6 +2,7 @@ package resilientpg
 
 import (
 	"errors"
+	"log/slog"
 	"net/url"
 	"strings"
 	"testing"
@@ -58,6 +59,11 @@ func TestDSNKeysParsed(t *testing.T) {
 		{keyMaxAge, "0", func(o *Options) { o.MaxAge = 0 }},
 		{keyMaxAgeJitter, "25%", func(o *Options) { o.MaxAgeJitter = JitterPercent(25) }},
 		{keyMaxAgeJitter, "2.5%", func(o *Options) { o.MaxAgeJitter = JitterPercent(2.5) }},
+		{keyLog, "debug", func(o *Options) { o.Log = LogDebug }},
+		{keyLog, "warn", func(o *Options) { o.Log = LogWarn }},
+		{keyLog, "off", func(o *Options) { o.Log = LogOff }},
+		{keyLeakThreshold, "30s", func(o *Options) { o.LeakThreshold = 30 * time.Second }},
+		{keyLeakThreshold, "0", func(o *Options) { o.LeakThreshold = 0 }},
 		{keyMaxAgeJitter, "2m", func(o *Options) { o.MaxAgeJitter = JitterDuration(2 * time.Minute) }},
 		{keyMaxIdleTime, "5m", func(o *Options) { o.MaxIdleTime = 5 * time.Minute }},
 		{keyMaxOpenConns, "20", func(o *Options) { o.MaxOpenConns = 20 }},
@@ -128,6 +134,10 @@ func TestDSNKeysRejected(t *testing.T) {
 		{keyConnectWait, "-1s", "duration >= 0"},
 		{keyRetry, "always", "safe or off"},
 		{keyRejectReadOnly, "yes", "auto, true or false"},
+		{keyLog, "verbose", "off, error, warn, info or debug"},
+		{keyLog, "WARN", "off, error, warn, info or debug"},
+		{keyLeakThreshold, "-1s", "duration >= 0"},
+		{keyLeakThreshold, "10", "duration"},
 		{"resilient_pingg", "always", "one of resilient_ping, "},
 		{"RESILIENT_PING", "always", "one of resilient_ping, "},
 		{"resilient_", "x", "one of"},
@@ -154,6 +164,22 @@ func TestDSNKeysRejected(t *testing.T) {
 				}
 			})
 		}
+	}
+}
+
+// TestLoggerNeedsLevel: a Logger with logging off would be silently
+// unused, so it is an error that says what to set.
+func TestLoggerNeedsLevel(t *testing.T) {
+	o := DefaultOptions()
+	o.Logger = slog.New(slog.DiscardHandler)
+	_, err := NewConnector(&fakeConnector{}, o)
+	var ce *ConfigError
+	if !errors.As(err, &ce) || ce.Key != keyLog || !strings.Contains(err.Error(), "Options.Logger") {
+		t.Fatalf("Logger with Log off: %v, want a ConfigError for resilient_log naming Options.Logger", err)
+	}
+	o.Log = LogWarn
+	if _, err := NewConnector(&fakeConnector{}, o); err != nil {
+		t.Fatalf("Logger with Log=warn: %v", err)
 	}
 }
 

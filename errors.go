@@ -28,15 +28,27 @@ const (
 	// ReasonIdempotent: retried; the caller marked the context with
 	// WithIdempotent.
 	ReasonIdempotent
+	numRetryReasons
 )
 
-var reasonNames = [...]string{"may have run", "in transaction", "retry off", "not sent", "read-only", "idempotent"}
+var reasonNames = [numRetryReasons]string{"may have run", "in transaction", "retry off", "not sent", "read-only", "idempotent"}
+
+var reasonLabels = [numRetryReasons]string{"may_have_run", "in_tx", "retry_off", "not_sent", "read_only", "idempotent"}
 
 func (r RetryReason) String() string {
-	if int(r) < len(reasonNames) {
+	if r < numRetryReasons {
 		return reasonNames[r]
 	}
 	return "RetryReason(" + strconv.Itoa(int(r)) + ")"
+}
+
+// Label is the reason as a metric label or log attribute value:
+// may_have_run, in_tx, retry_off, not_sent, read_only, idempotent.
+func (r RetryReason) Label() string {
+	if r < numRetryReasons {
+		return reasonLabels[r]
+	}
+	return r.String()
 }
 
 // Retried reports whether the reason lets database/sql run the statement

@@ -3,6 +3,7 @@ package resilientpg
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"strconv"
 	"strings"
 	"time"
@@ -116,6 +117,17 @@ type Options struct {
 	// RejectReadOnly discards, and invalidates the pool on, a read-only
 	// error: a demoted primary (resilient_reject_read_only).
 	RejectReadOnly ReadOnlyPolicy
+
+	// Log is the lowest level of events logged, LogOff for none
+	// (resilient_log). Every record has an "event" attribute naming it.
+	Log LogLevel
+	// Logger receives the events; nil means slog.Default(). Setting it
+	// with Log at LogOff is an error, since it would be silently unused.
+	Logger *slog.Logger
+	// LeakThreshold reports a connection held longer than this as
+	// leak.suspected, with the borrower's stack; 0 = off
+	// (resilient_leak_threshold).
+	LeakThreshold time.Duration
 }
 
 // ReadOnlyPolicy says whether a read-only error means a failover.
@@ -220,6 +232,16 @@ func (o *Options) validate() error {
 	}
 	if o.RejectReadOnly > ReadOnlyAllow {
 		return &ConfigError{Key: keyRejectReadOnly, Value: o.RejectReadOnly.String(), Allowed: "auto, true or false"}
+	}
+	if o.Log > LogDebug {
+		return &ConfigError{Key: keyLog, Value: o.Log.String(), Allowed: "off, error, warn, info or debug"}
+	}
+	if o.Log == LogOff && o.Logger != nil {
+		return &ConfigError{Key: keyLog, Value: o.Log.String(),
+			Allowed: "a level (error, warn, info or debug) when Options.Logger is set, or no Logger"}
+	}
+	if o.LeakThreshold < 0 {
+		return &ConfigError{Key: keyLeakThreshold, Value: o.LeakThreshold.String(), Allowed: "a duration >= 0 (0 = off)"}
 	}
 	if o.MaxOpenConns < Unset {
 		return &ConfigError{Key: keyMaxOpenConns, Value: strconv.Itoa(o.MaxOpenConns), Allowed: "an integer >= 0 (0 = unlimited)"}

@@ -131,16 +131,18 @@ func (c *conn) retryStatement(ctx context.Context, err error, class Class, inTx 
 // it is. The original error stays in the chain for errors.Is/As.
 func (c *conn) handleErr(ctx context.Context, err error, inTx bool) error {
 	class := Classify(err)
+	c.c.stats.statementFailures[class].Add(1)
 	readOnlyFailover := class == ClassReadOnly && c.c.rejectReadOnly
+	cause, wide := serverWide(err)
 	switch {
 	case readOnlyFailover:
 		// A demoted primary: every connection made before now may point at
 		// it, so the pool reconnects (multi-host DSNs then find the new one).
 		c.bad.Store(true)
-		c.c.invalidate()
-	case serverWide(err):
+		c.c.invalidate(InvalidReadOnly)
+	case wide:
 		c.bad.Store(true)
-		c.c.invalidate()
+		c.c.invalidate(cause)
 	case class == ClassConnLost || class == ClassShutdown:
 		c.bad.Store(true)
 		c.c.gate.suspect() // the server may be gone: the next connect probes for the others
@@ -153,10 +155,12 @@ func (c *conn) handleErr(ctx context.Context, err error, inTx bool) error {
 		// Already a retry, by the driver's own proof (pgx stdlib for
 		// SafeToRetry errors, mysql when nothing was written).
 		c.bad.Store(true)
+		c.c.stats.retries[ReasonNotSent].Add(1)
 		return &StatementError{Class: class, Reason: ReasonNotSent, Err: err}
 	}
 	reason := c.retryStatement(ctx, err, class, inTx)
 	if reason.Retried() || readOnlyFailover || IsDisconnect(err) {
+		c.c.stats.retries[reason].Add(1)
 		return &StatementError{Class: class, Reason: reason, Err: err}
 	}
 	return err

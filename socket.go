@@ -25,7 +25,8 @@ const (
 // and reused, so a check allocates nothing.
 type sockCheck struct {
 	raw       syscall.RawConn
-	plaintext bool // bytes are PostgreSQL protocol, not TLS records
+	plaintext bool // bytes are the protocol's own, not TLS records
+	mysql     bool // the MySQL protocol: a server never sends an idle client anything but a farewell
 	buf       [1]byte
 	state     sockState
 	fn        func(fd uintptr) // s.peek bound once; a fresh closure per call would allocate
@@ -76,12 +77,22 @@ func (s *sockCheck) peek(fd uintptr) {
 		s.state = sockPending // unknown: let the ping decide
 	case err != nil, n == 0:
 		s.state = sockClosed
-	case s.plaintext && s.buf[0] == 'E':
+	case s.plaintext && (s.mysql || s.buf[0] == 'E'):
 		// An idle PostgreSQL backend sends an ErrorResponse only when it is
 		// about to end the session (pg_terminate_backend, shutdown, idle
-		// timeouts): discard without a ping.
+		// timeouts); a MySQL server sends an idle client nothing but an
+		// error before it closes: discard without a ping.
 		s.state = sockFatal
 	default:
 		s.state = sockPending
 	}
+}
+
+// peekOther looks at the socket of a connection another goroutine may own,
+// with a check of its own: the peek neither consumes nor changes anything,
+// but the owner's sockCheck must not be shared.
+func (s *sockCheck) peekOther() sockState {
+	o := &sockCheck{raw: s.raw, plaintext: s.plaintext, mysql: s.mysql}
+	o.fn = o.peek
+	return o.check()
 }

@@ -15,8 +15,10 @@ const (
 
 // sockCheck is unavailable on this platform: checkouts rely on the ping
 // policy alone.
-type sockCheck struct{}
+type sockCheck struct{ plaintext, mysql bool }
 
 func newSockCheck(net.Conn) *sockCheck { return nil }
 
 func (*sockCheck) check() sockState { return sockAlive }
+
+func (*sockCheck) peekOther() sockState { return sockAlive }

@@ -5,6 +5,7 @@ import (
 	"database/sql/driver"
 	"errors"
 	"fmt"
+	"log/slog"
 	"time"
 )
 
@@ -46,21 +47,26 @@ const peekAfterIdle = time.Millisecond
 // If the caller's ctx ends, its error is returned and a healthy connection
 // is kept: database/sql then fails the caller's operation, not the conn.
 func (c *conn) ResetSession(ctx context.Context) error {
+	c.c.stats.checkouts.Add(1)
+	c.fresh = false
 	if c.bad.Load() {
-		return ErrMarkedBad
+		return c.discard(DiscardMarkedBad, ErrMarkedBad)
 	}
 	if c.gen != c.c.gen.Load() {
-		return ErrInvalidated
+		return c.discard(DiscardInvalidated, ErrInvalidated)
 	}
-	c.txOpen = false // database/sql hands out a conn only after its transaction ended
+	if c.txOpen { // database/sql hands out a conn only after its transaction ended
+		c.txOpen = false
+		c.txFlag.Store(false)
+	}
 	now := time.Now()
 	if c.life.expired(now) {
-		return ErrMaxAge
+		return c.discard(DiscardMaxAge, ErrMaxAge)
 	}
 	idle := now.Sub(c.lastActive)
 	o := &c.c.opts
 	if o.MaxIdleTime > 0 && idle > o.MaxIdleTime {
-		return ErrMaxIdle
+		return c.discard(DiscardMaxIdle, ErrMaxIdle)
 	}
 	ping := o.Ping == PingAlways || (o.Ping == PingIdle && idle >= o.PingIdle)
 	if c.sock != nil && idle >= peekAfterIdle {
@@ -68,20 +74,26 @@ func (c *conn) ResetSession(ctx context.Context) error {
 		case sockClosed, sockFatal:
 			c.bad.Store(true)
 			c.c.gate.suspect()
-			return ErrServerClosed
+			if c.c.everySessionEnded(c) {
+				// A shutdown or restart ended them all: retire the pool
+				// now rather than find each one dead in turn.
+				c.c.invalidate(InvalidShutdown)
+				return c.discard(DiscardInvalidated, ErrInvalidated)
+			}
+			return c.discard(DiscardServerClosed, ErrServerClosed)
 		case sockPending:
 			ping = true // a notification or a farewell: only a round trip tells
 		}
 	}
 	if c.pg != nil && (c.pg.IsClosed() || c.pg.TxStatus() != 'I') {
 		c.bad.Store(true)
-		return ErrLeftInTx // closed conns were caught by the socket check
+		return c.discard(DiscardLeftInTx, ErrLeftInTx) // closed conns were caught by the socket check
 	}
 	if c.resetter != nil {
 		if err := c.resetter.ResetSession(ctx); err != nil {
 			if errors.Is(err, driver.ErrBadConn) {
 				c.bad.Store(true)
-				return fmt.Errorf("resilientpg: driver reset: %w", err)
+				return c.discard(DiscardDriverReset, fmt.Errorf("resilientpg: driver reset: %w", err))
 			}
 			return err
 		}
@@ -92,7 +104,25 @@ func (c *conn) ResetSession(ctx context.Context) error {
 		}
 	}
 	c.lastActive = now
+	c.markOut(now)
 	return nil
+}
+
+// discard counts a checkout's rejection and returns its error, which wraps
+// driver.ErrBadConn.
+func (c *conn) discard(r DiscardReason, err error) error {
+	c.c.stats.discards[r].Add(1)
+	if c.c.ev.enabled(slog.LevelDebug) {
+		c.logDiscard(r, "checkout")
+	}
+	return err
+}
+
+func (c *conn) logDiscard(r DiscardReason, at string) {
+	now := time.Now()
+	c.c.ev.emit(evConnDiscarded, slog.LevelDebug, "resilientpg: connection discarded",
+		slog.String("reason", r.String()), slog.String("at", at), slog.Int64("conn", c.id),
+		slog.Duration("age", now.Sub(c.born)), slog.Duration("idle", now.Sub(c.lastActive)))
 }
 
 // ping makes one bounded round trip. pgx is pinged through pgconn to keep
@@ -104,25 +134,32 @@ func (c *conn) ping(ctx context.Context) error {
 	if err := ctx.Err(); err != nil {
 		return err // the caller gave up before we started: keep the conn
 	}
+	k := &c.c.stats
+	k.pings.Add(1)
+	start := time.Now()
 	pctx, cancel := context.WithTimeout(ctx, c.c.opts.PingTimeout)
-	defer cancel()
 	var err error
 	if c.pg != nil {
 		err = c.pg.Ping(pctx)
 	} else {
 		err = c.pinger.Ping(pctx)
 	}
+	cancel()
+	took := int64(time.Since(start))
+	k.pingNanos.Add(took)
+	maxInto(&k.pingMaxNano, took)
 	if err == nil {
 		return nil
 	}
 	if ctx.Err() != nil && c.usable() {
 		return ctx.Err() // the caller's deadline, not the conn, ended the ping
 	}
+	k.pingFailures.Add(1)
 	c.bad.Store(true)
-	if serverWide(err) {
-		c.c.invalidate() // a crash ends every session, not just this one
+	if cause, ok := serverWide(err); ok {
+		c.c.invalidate(cause) // a crash ends every session, not just this one
 	}
-	return fmt.Errorf("resilientpg: checkout ping: %w: %w", driver.ErrBadConn, err)
+	return c.discard(DiscardPingFailed, fmt.Errorf("resilientpg: checkout ping: %w: %w", driver.ErrBadConn, err))
 }
 
 // usable reports whether the inner conn survived an interrupted operation:
@@ -143,20 +180,63 @@ func (c *conn) usable() bool {
 // a transaction (a rollback that failed after a cancelled ctx) is not valid.
 // It also stamps the return time, from which checkout measures idleness.
 func (c *conn) IsValid() bool {
-	if c.bad.Load() || c.gen != c.c.gen.Load() {
-		return false
-	}
 	now := time.Now()
-	if c.life.expired(now) {
-		return false
-	}
-	if c.pg != nil && (c.pg.IsClosed() || c.pg.TxStatus() != 'I') {
-		return false
-	}
-	if c.validator != nil && !c.validator.IsValid() {
+	c.markBack(now)
+	c.fresh = false
+	if r, ok := c.rejectAtReturn(now); !ok {
+		c.c.stats.returnsRejected[r].Add(1)
+		if c.c.ev.enabled(slog.LevelDebug) {
+			c.logDiscard(r, "return")
+		}
 		return false
 	}
 	c.lastActive = now
-	c.txOpen = false
+	if c.txOpen {
+		c.txOpen = false
+		c.txFlag.Store(false)
+	}
 	return true
+}
+
+// rejectAtReturn says whether the conn may go back to the pool, and if not
+// why.
+func (c *conn) rejectAtReturn(now time.Time) (DiscardReason, bool) {
+	switch {
+	case c.bad.Load():
+		return DiscardMarkedBad, false
+	case c.gen != c.c.gen.Load():
+		return DiscardInvalidated, false
+	case c.life.expired(now):
+		return DiscardMaxAge, false
+	case c.pg != nil && (c.pg.IsClosed() || c.pg.TxStatus() != 'I'):
+		return DiscardLeftInTx, false
+	case c.validator != nil && !c.validator.IsValid():
+		return DiscardDriverReset, false
+	}
+	return 0, true
+}
+
+// everySessionEnded reports whether, beside dead, every other idle
+// connection of the current generation has been closed or ended by the
+// server too: a shutdown or restart (a fast PostgreSQL shutdown sends each
+// session the same 57P01 that pg_terminate_backend sends one), or an
+// administrator ending them all. It peeks at their sockets, which costs a
+// syscall each and runs only on this failure path.
+func (c *Connector) everySessionEnded(dead *conn) bool {
+	gen := c.gen.Load()
+	peeked := 0
+	c.track.mu.Lock()
+	defer c.track.mu.Unlock()
+	for w := range c.track.conns {
+		if w == dead || w.gen != gen || w.sock == nil || w.bad.Load() || w.out.since.Load() != 0 {
+			continue // not idle, or already known
+		}
+		switch w.sock.peekOther() {
+		case sockClosed, sockFatal:
+			peeked++
+		default:
+			return false // one is alive: only some sessions ended
+		}
+	}
+	return peeked > 0
 }

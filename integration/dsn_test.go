@@ -33,6 +33,8 @@ func optsA() resilientpg.Options {
 	o.ConnectWait = 5 * time.Second
 	o.Retry = resilientpg.RetryOff
 	o.RejectReadOnly = resilientpg.ReadOnlyReject
+	o.Log = resilientpg.LogError
+	o.LeakThreshold = 90 * time.Second
 	return o
 }
 
@@ -50,6 +52,8 @@ func optsB() resilientpg.Options {
 	o.ConnectWait = 0
 	o.Retry = resilientpg.RetryOff
 	o.RejectReadOnly = resilientpg.ReadOnlyAllow
+	o.Log = resilientpg.LogError
+	o.LeakThreshold = 2 * time.Minute
 	return o
 }
 
@@ -69,6 +73,8 @@ func keysA(pct string) []string {
 		"resilient_connect_wait=5s",
 		"resilient_retry=off",
 		"resilient_reject_read_only=true",
+		"resilient_log=error",
+		"resilient_leak_threshold=90s",
 	}
 }
 
@@ -86,6 +92,8 @@ func keysB() []string {
 		"resilient_connect_wait=0s",
 		"resilient_retry=off",
 		"resilient_reject_read_only=false",
+		"resilient_log=error",
+		"resilient_leak_threshold=2m",
 	}
 }
 

@@ -1,0 +1,181 @@
+package resilientpg
+
+import (
+	"context"
+	"database/sql"
+	"database/sql/driver"
+	"io"
+	"testing"
+	"testing/synctest"
+	"time"
+)
+
+// TestDiscardCounts: every checkout rejection is counted under its reason,
+// once, and logged at debug as conn.discarded with that reason.
+func TestDiscardCounts(t *testing.T) {
+	cases := []struct {
+		reason DiscardReason
+		shape  fakeShape
+		opts   func(*Options)
+		setup  func(*testing.T, *conn, *fakeConn)
+	}{
+		{DiscardMarkedBad, shapePgx, nil, func(_ *testing.T, w *conn, _ *fakeConn) { w.bad.Store(true) }},
+		{DiscardInvalidated, shapePgx, nil, func(_ *testing.T, w *conn, _ *fakeConn) { w.c.invalidate(InvalidCrash) }},
+		{DiscardMaxAge, shapePgx, func(o *Options) { o.MaxAge = time.Minute }, func(_ *testing.T, w *conn, _ *fakeConn) {
+			w.life = lifetime{deadline: time.Now().Add(-time.Nanosecond)}
+		}},
+		{DiscardMaxIdle, shapePgx, func(o *Options) { o.MaxIdleTime = time.Minute }, func(_ *testing.T, w *conn, _ *fakeConn) {
+			w.lastActive = time.Now().Add(-2 * time.Minute)
+		}},
+		{DiscardServerClosed, shapePgx, nil, func(t *testing.T, w *conn, _ *fakeConn) {
+			client, server := tcpPair(t)
+			w.sock = newSockCheck(client)
+			server.Close()
+			waitState(w.sock, sockClosed)
+			w.lastActive = time.Now().Add(-2 * peekAfterIdle)
+		}},
+		{DiscardDriverReset, shapeMySQL, nil, func(_ *testing.T, _ *conn, fc *fakeConn) { fc.resetErr = driver.ErrBadConn }},
+		{DiscardPingFailed, shapePgx, func(o *Options) { o.Ping = PingAlways }, func(_ *testing.T, _ *conn, fc *fakeConn) {
+			fc.pingErr = func(context.Context) error { return io.ErrUnexpectedEOF }
+		}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.reason.String(), func(t *testing.T) {
+			o, rec := logged(LogDebug, tc.opts)
+			c, f := newFakeConnector(tc.shape, o)
+			w, fc := connect(c, f)
+			tc.setup(t, w, fc)
+			if err := w.ResetSession(context.Background()); err == nil {
+				t.Fatal("checkout succeeded, want a discard")
+			}
+			s := c.Stats()
+			if s.Discards[tc.reason] != 1 || s.Discards.Total() != 1 || s.Checkouts != 1 {
+				t.Errorf("discards %v, checkouts %d; want one %s of one checkout", s.Discards, s.Checkouts, tc.reason)
+			}
+			if s.CheckedOut != 0 {
+				t.Errorf("a discarded checkout counts as checked out: %d", s.CheckedOut)
+			}
+			recs := rec.events("conn.discarded")
+			if len(recs) != 1 || recs[0].attrs["reason"].String() != tc.reason.String() || recs[0].attrs["at"].String() != "checkout" {
+				t.Errorf("conn.discarded records %+v, want one with reason %s", recs, tc.reason)
+			}
+			if tc.reason == DiscardPingFailed && (s.Pings != 1 || s.PingFailures != 1) {
+				t.Errorf("pings %d, failures %d; want 1 and 1", s.Pings, s.PingFailures)
+			}
+		})
+	}
+}
+
+// TestReturnRejectedCounts: every refusal at return is counted under its
+// reason.
+func TestReturnRejectedCounts(t *testing.T) {
+	cases := []struct {
+		reason DiscardReason
+		shape  fakeShape
+		setup  func(*conn, *fakeConn)
+	}{
+		{DiscardMarkedBad, shapePgx, func(w *conn, _ *fakeConn) { w.bad.Store(true) }},
+		{DiscardInvalidated, shapePgx, func(w *conn, _ *fakeConn) { w.c.invalidate(InvalidReadOnly) }},
+		{DiscardMaxAge, shapePgx, func(w *conn, _ *fakeConn) { w.life = lifetime{deadline: time.Now().Add(-time.Nanosecond)} }},
+		{DiscardDriverReset, shapeMySQL, func(_ *conn, fc *fakeConn) { fc.valid = false }},
+	}
+	for _, tc := range cases {
+		t.Run(tc.reason.String(), func(t *testing.T) {
+			c, f := newFakeConnector(tc.shape, opts(nil))
+			w, fc := connect(c, f)
+			tc.setup(w, fc)
+			if w.IsValid() {
+				t.Fatal("IsValid = true")
+			}
+			if s := c.Stats(); s.ReturnsRejected[tc.reason] != 1 || s.ReturnsRejected.Total() != 1 {
+				t.Errorf("returns rejected %v, want one %s", s.ReturnsRejected, tc.reason)
+			}
+		})
+	}
+}
+
+// TestCheckoutGauge: connections held through database/sql are counted as
+// checked out, fresh ones from their first call, and the oldest checkout's
+// age grows while they are held.
+func TestCheckoutGauge(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		c, _ := newFakeConnector(shapePgx, opts(nil))
+		db := sql.OpenDB(c)
+		defer db.Close()
+		db.SetMaxIdleConns(5)
+		ctx := context.Background()
+		var held []*sql.Conn
+		for range 3 {
+			sc, err := db.Conn(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := sc.ExecContext(ctx, "SELECT 1"); err != nil {
+				t.Fatal(err)
+			}
+			held = append(held, sc)
+		}
+		time.Sleep(2 * time.Second)
+		s := c.Stats()
+		if s.CheckedOut != 3 || s.OldestCheckout != 2*time.Second || s.ConnsOpen != 3 || s.Checkouts != 3 {
+			t.Errorf("checked out %d (oldest %v), open %d, checkouts %d; want 3, 2s, 3, 3",
+				s.CheckedOut, s.OldestCheckout, s.ConnsOpen, s.Checkouts)
+		}
+		for _, sc := range held {
+			sc.Close()
+		}
+		holdAndRelease(t, db, 3) // used conns: checked out at ResetSession
+		s = c.Stats()
+		if s.CheckedOut != 0 || s.OldestCheckout != 0 || s.Checkouts != 6 || s.ConnsOpened != 3 {
+			t.Errorf("after release: checked out %d (oldest %v), checkouts %d, opened %d; want 0, 0, 6, 3",
+				s.CheckedOut, s.OldestCheckout, s.Checkouts, s.ConnsOpened)
+		}
+		db.Close()
+		if s := c.Stats(); s.ConnsOpen != 0 {
+			t.Errorf("after db.Close %d connections open, want 0", s.ConnsOpen)
+		}
+	})
+}
+
+// TestStatementCounts: failed statements are counted by class and by
+// whether and why they were retried.
+func TestStatementCounts(t *testing.T) {
+	c, f := newFakeConnector(shapePgx, opts(nil))
+	w, _ := connect(c, f)
+	ctx := context.Background()
+	w.handleErr(ctx, io.ErrUnexpectedEOF, false)
+	w.handleErr(WithIdempotent(ctx), io.EOF, false)
+	w.handleErr(ctx, io.EOF, true)
+	w.handleErr(ctx, driver.ErrBadConn, false)
+	w.handleErr(ctx, errCrash, false)
+	s := c.Stats()
+	want := RetryCounts{ReasonMayHaveRun: 2, ReasonIdempotent: 1, ReasonInTx: 1, ReasonNotSent: 1}
+	if s.Retries != want || s.Retries.Retried() != 2 {
+		t.Errorf("retries %v, want %v", s.Retries, want)
+	}
+	if s.StatementFailures[ClassConnLost] != 4 || s.StatementFailures[ClassShutdown] != 1 || s.StatementFailures.Total() != 5 {
+		t.Errorf("statement failures %v", s.StatementFailures)
+	}
+	if s.Invalidations[InvalidCrash] != 1 || s.Invalidations.Total() != 1 {
+		t.Errorf("invalidations %v, want one crash", s.Invalidations)
+	}
+}
+
+// TestStatsOf finds the connector behind a *sql.DB of this package's, and
+// nothing behind any other.
+func TestStatsOf(t *testing.T) {
+	c, _ := newFakeConnector(shapePgx, opts(nil))
+	db := sql.OpenDB(c)
+	defer db.Close()
+	if _, ok := StatsOf(db); !ok {
+		t.Error("StatsOf(sql.OpenDB(connector)) = false")
+	}
+	other := sql.OpenDB(&fakeConnector{})
+	defer other.Close()
+	if _, ok := StatsOf(other); ok {
+		t.Error("StatsOf(a foreign *sql.DB) = true")
+	}
+	if _, ok := StatsOf(nil); ok {
+		t.Error("StatsOf(nil) = true")
+	}
+}
