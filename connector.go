@@ -38,11 +38,12 @@ type Connector struct {
 	gen  atomic.Uint64 // bumped by invalidate; a conn of an older one is discarded
 	gate *dialGate     // shared with the inner connector's dial hook, if it has one
 
-	stats  counters
-	ev     events
-	track  tracker
-	mon    monitor
-	connID atomic.Int64 // the last connection id handed out
+	stats    counters
+	ev       events
+	track    tracker
+	mon      monitor
+	connID   atomic.Int64 // the last connection id handed out
+	lostWave atomic.Int64 // UnixNano: when the current wave of dead connections began (everySessionEnded)
 }
 
 var _ driver.Connector = (*Connector)(nil)
@@ -83,13 +84,19 @@ func (c *Connector) wrap(inner driver.Conn, sock net.Conn) *conn {
 	return w
 }
 
-// invalidate retires every connection made so far: each is discarded at
-// its next checkout or return, without a ping (SQLAlchemy's pool-wide
-// invalidation).
-func (c *Connector) invalidate(cause InvalidationCause) {
-	c.gen.Add(1)
+// invalidate retires every connection of generation gen: each is
+// discarded at its next checkout or return, without a ping (SQLAlchemy's
+// pool-wide invalidation). It moves the generation on only from gen, so
+// that one event seen by many connections at once (every session of a
+// crashed server reports it), or by a connection and then the gate, counts
+// once; it reports whether it did.
+func (c *Connector) invalidate(gen uint64, cause InvalidationCause) bool {
+	if !c.gen.CompareAndSwap(gen, gen+1) {
+		return false // already retired, by another report of the same event
+	}
 	c.stats.invalidations[cause].Add(1)
 	c.ev.emit(evPoolInvalidated, slog.LevelWarn, "resilientpg: every pooled connection retired", slog.String("cause", cause.String()))
+	return true
 }
 
 // Driver returns the wrapping driver: a copy of the registered one that

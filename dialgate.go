@@ -43,10 +43,11 @@ type dialGate struct {
 	lastErr   error         // guarded by mu: the error that closed the gate, or the last probe's
 	restarted bool          // guarded by mu: a refusal was seen while down, so recovery means a new server
 
-	suspectAt time.Time  // guarded by mu: when the gate last turned suspect
-	lastFail  time.Time  // guarded by mu: the last failed dial while closed
-	outProbes int64      // guarded by mu: probes in the current outage
-	c         *Connector // for counters and events
+	suspectAt  time.Time  // guarded by mu: when the gate last turned suspect
+	lastFail   time.Time  // guarded by mu: the last failed dial while closed
+	outProbes  int64      // guarded by mu: probes in the current outage
+	genAtClose uint64     // guarded by mu: the pool generation when the gate closed
+	c          *Connector // for counters and events
 
 	down         atomic.Bool  // state == gateDown, for the side-dial check without the lock
 	suspectUntil atomic.Int64 // UnixNano: side dials are skipped until then after a disconnect
@@ -143,7 +144,7 @@ func (c *Connector) Connect(ctx context.Context) (driver.Conn, error) {
 			if g.restarted {
 				// Refused, then accepted: a new server. Connections from before
 				// belong to the old one.
-				c.invalidate(InvalidRestart)
+				c.invalidate(g.genAtClose, InvalidRestart)
 			}
 			g.open()
 			g.mu.Unlock()
@@ -189,6 +190,7 @@ func (g *dialGate) close(err error) {
 	g.state = gateDown
 	g.down.Store(true)
 	g.outProbes = 0
+	g.genAtClose = g.c.gen.Load()
 	g.bo.reset()
 	g.fail(err)
 	g.c.stats.outages.Add(1)

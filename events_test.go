@@ -11,63 +11,15 @@ import (
 	"time"
 
 	"github.com/go-sql-driver/mysql"
+
+	"github.com/resilientpg/resilientpg/internal/eventlog"
 )
 
-// recorder is a slog.Handler that keeps every record, its attributes
-// flattened to dotted keys.
-type recorder struct {
-	mu   sync.Mutex
-	recs []record
-}
-
-type record struct {
-	level slog.Level
-	msg   string
-	attrs map[string]slog.Value
-}
-
-func (r *recorder) Enabled(context.Context, slog.Level) bool { return true }
-func (r *recorder) WithAttrs([]slog.Attr) slog.Handler       { return r }
-func (r *recorder) WithGroup(string) slog.Handler            { return r }
-
-func (r *recorder) Handle(_ context.Context, rec slog.Record) error {
-	m := map[string]slog.Value{}
-	rec.Attrs(func(a slog.Attr) bool { flatten(m, "", a); return true })
-	r.mu.Lock()
-	r.recs = append(r.recs, record{rec.Level, rec.Message, m})
-	r.mu.Unlock()
-	return nil
-}
-
-func flatten(m map[string]slog.Value, prefix string, a slog.Attr) {
-	v := a.Value.Resolve()
-	if v.Kind() == slog.KindGroup {
-		for _, g := range v.Group() {
-			flatten(m, prefix+a.Key+".", g)
-		}
-		return
-	}
-	m[prefix+a.Key] = v
-}
-
-// events returns the records whose "event" attribute is name.
-func (r *recorder) events(name string) []record {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	var out []record
-	for _, rec := range r.recs {
-		if rec.attrs["event"].String() == name {
-			out = append(out, rec)
-		}
-	}
-	return out
-}
-
 // logged returns options that log everything from level up to a recorder.
-func logged(level LogLevel, mod func(*Options)) (Options, *recorder) {
-	rec := &recorder{}
+func logged(level LogLevel, mod func(*Options)) (Options, *eventlog.Recorder) {
+	rec := &eventlog.Recorder{}
 	return opts(func(o *Options) {
-		o.Log, o.Logger = level, slog.New(rec)
+		o.Log, o.Logger = level, rec.Logger()
 		if mod != nil {
 			mod(o)
 		}
@@ -100,15 +52,15 @@ func TestOutageEvents(t *testing.T) {
 			}()
 		}
 		wg.Wait()
-		down, up := rec.events("server.down"), rec.events("server.up")
+		down, up := rec.Events("server.down"), rec.Events("server.up")
 		if len(down) != 1 || len(up) != 1 {
 			t.Fatalf("%d server.down and %d server.up records, want 1 and 1", len(down), len(up))
 		}
-		if down[0].level != slog.LevelWarn || down[0].attrs["class"].String() != "cannot_connect" ||
-			!strings.Contains(down[0].attrs["error"].String(), "refused") {
+		if down[0].Level != slog.LevelWarn || down[0].Attrs["class"].String() != "cannot_connect" ||
+			!strings.Contains(down[0].Attrs["error"].String(), "refused") {
 			t.Errorf("server.down = %v", down[0])
 		}
-		got := up[0].attrs["downtime"].Duration()
+		got := up[0].Attrs["downtime"].Duration()
 		if d := got - outage; d < -time.Second/2 || d > time.Second/2 {
 			t.Errorf("server.up downtime %v, want within 0.5s of %v", got, outage)
 		}
@@ -116,14 +68,14 @@ func TestOutageEvents(t *testing.T) {
 		if s.Gate.Outages != 1 || s.Gate.State != ServerUp || s.Gate.Downtime != got {
 			t.Errorf("gate stats %+v, want 1 outage, up, downtime %v", s.Gate, got)
 		}
-		if p := up[0].attrs["probes"].Int64(); p < 2 || p != s.Gate.Probes {
+		if p := up[0].Attrs["probes"].Int64(); p < 2 || p != s.Gate.Probes {
 			t.Errorf("probes: event %d, stats %d; want the same, at least 2", p, s.Gate.Probes)
 		}
 		if s.Gate.Waited < 1 || s.ConnectFailures[ClassCannotConnect] != s.ConnectAttempts-5 {
 			t.Errorf("waited %d, refused %d of %d attempts; want waiters and every attempt but 5 refused",
 				s.Gate.Waited, s.ConnectFailures[ClassCannotConnect], s.ConnectAttempts)
 		}
-		if s.Invalidations[InvalidRestart] != 1 || len(rec.events("pool.invalidated")) != 1 {
+		if s.Invalidations[InvalidRestart] != 1 || len(rec.Events("pool.invalidated")) != 1 {
 			t.Errorf("refused-then-accepted must invalidate once: %v", s.Invalidations)
 		}
 	})
@@ -138,13 +90,13 @@ func TestEventRateLimit(t *testing.T) {
 		for range 25 {
 			c.ev.emit(evConnDiscarded, slog.LevelDebug, "x")
 		}
-		if n := len(rec.events("conn.discarded")); n != eventBurst[evConnDiscarded] {
+		if n := len(rec.Events("conn.discarded")); n != eventBurst[evConnDiscarded] {
 			t.Fatalf("%d records in a burst of 25, want %d", n, eventBurst[evConnDiscarded])
 		}
 		time.Sleep(time.Second)
 		c.ev.emit(evConnDiscarded, slog.LevelDebug, "x")
-		all := rec.events("conn.discarded")
-		if got := all[len(all)-1].attrs["suppressed"].Int64(); got != 5 {
+		all := rec.Events("conn.discarded")
+		if got := all[len(all)-1].Attrs["suppressed"].Int64(); got != 5 {
 			t.Errorf("suppressed = %d, want 5", got)
 		}
 	})
@@ -154,7 +106,7 @@ func TestEventRateLimit(t *testing.T) {
 // go-sql-driver/mysql's own lines included; on, those go to the logger at
 // debug with the connector's attributes.
 func TestLogOffIsSilent(t *testing.T) {
-	quiet := &recorder{}
+	quiet := &eventlog.Recorder{}
 	prev := slog.Default()
 	slog.SetDefault(slog.New(quiet))
 	defer slog.SetDefault(prev)
@@ -165,8 +117,8 @@ func TestLogOffIsSilent(t *testing.T) {
 	}
 	mysqlLogger{c}.Print("connection.go:803 ", "closing bad idle connection: ", io.EOF)
 	c.ev.emit(evServerDown, slog.LevelError, "x")
-	if len(quiet.recs) != 0 {
-		t.Fatalf("logging off, yet %d records", len(quiet.recs))
+	if len(quiet.All()) != 0 {
+		t.Fatalf("logging off, yet %d records", len(quiet.All()))
 	}
 
 	c, err = NewConnector(&mysql.MySQLDriver{}, DefaultOptions(), "app:secret@tcp(db.example:3307)/app?resilient_log=debug")
@@ -174,18 +126,18 @@ func TestLogOffIsSilent(t *testing.T) {
 		t.Fatal(err)
 	}
 	mysqlLogger{c}.Print("connection.go:803 ", "closing bad idle connection: ", io.EOF)
-	recs := quiet.events("driver.log")
+	recs := quiet.Events("driver.log")
 	if len(recs) != 1 {
 		t.Fatalf("%d driver.log records, want 1 (to slog.Default)", len(recs))
 	}
-	a := recs[0].attrs
-	if recs[0].level != slog.LevelDebug || !strings.Contains(recs[0].msg, "closing bad idle connection") ||
+	a := recs[0].Attrs
+	if recs[0].Level != slog.LevelDebug || !strings.Contains(recs[0].Msg, "closing bad idle connection") ||
 		a["db.system.name"].String() != "mysql" || a["server.address"].String() != "db.example" || a["server.port"].Int64() != 3307 {
 		t.Errorf("driver.log record %+v", recs[0])
 	}
-	for _, r := range quiet.recs {
-		for _, v := range r.attrs {
-			if strings.Contains(v.String(), "secret") || strings.Contains(r.msg, "secret") {
+	for _, r := range quiet.All() {
+		for _, v := range r.Attrs {
+			if strings.Contains(v.String(), "secret") || strings.Contains(r.Msg, "secret") {
 				t.Errorf("a record carries the password: %+v", r)
 			}
 		}
@@ -199,8 +151,8 @@ func TestConnectFailedEvent(t *testing.T) {
 		c, f := newFakeConnector(shapePgx, o)
 		f.setConnectErr(errRefused)
 		c.Connect(context.Background())
-		recs := rec.events("connect.failed")
-		if len(recs) != 1 || recs[0].attrs["error.type"].String() != "cannot_connect" {
+		recs := rec.Events("connect.failed")
+		if len(recs) != 1 || recs[0].Attrs["error.type"].String() != "cannot_connect" {
 			t.Fatalf("connect.failed records %+v", recs)
 		}
 		if got := c.Stats().ConnectFailures[ClassCannotConnect]; got != 1 {

@@ -72,26 +72,26 @@ func testLeaks(t *testing.T, reused bool) {
 	lines[at] = false
 
 	time.Sleep(2 * threshold)
-	recs := rec.events("leak.suspected")
+	recs := rec.Events("leak.suspected")
 	if len(recs) != 3 {
 		t.Fatalf("%d leak.suspected records, want 3", len(recs))
 	}
 	txOpen := 0
 	for _, r := range recs {
-		first, _, _ := strings.Cut(r.attrs["stack"].String(), "\n")
+		first, _, _ := strings.Cut(r.Attrs["stack"].String(), "\n")
 		where, _, _ := strings.Cut(first, " ")
 		if _, ok := lines[where]; !ok {
-			t.Errorf("leak.suspected's first frame %q is not a checkout line of the test (%v)\nstack:\n%s", first, lines, r.attrs["stack"])
+			t.Errorf("leak.suspected's first frame %q is not a checkout line of the test (%v)\nstack:\n%s", first, lines, r.Attrs["stack"])
 		}
 		delete(lines, where)
-		if held := r.attrs["held"].Duration(); held < threshold || held > threshold*5/4 {
+		if held := r.Attrs["held"].Duration(); held < threshold || held > threshold*5/4 {
 			t.Errorf("reported after %v, want within [%v, %v]", held, threshold, threshold*5/4)
 		}
-		if r.attrs["tx_open"].Bool() {
+		if r.Attrs["tx_open"].Bool() {
 			txOpen++
 		}
-		if r.level != slog.LevelWarn {
-			t.Errorf("level %v, want warn", r.level)
+		if r.Level != slog.LevelWarn {
+			t.Errorf("level %v, want warn", r.Level)
 		}
 	}
 	if txOpen != 1 {
@@ -105,12 +105,12 @@ func testLeaks(t *testing.T, reused bool) {
 	sc.Close()
 	rows.Close()
 	tx.Rollback()
-	ret := rec.events("leak.returned")
+	ret := rec.Events("leak.returned")
 	if len(ret) != 3 {
 		t.Fatalf("%d leak.returned records, want 3", len(ret))
 	}
 	for _, r := range ret {
-		if held := r.attrs["held"].Duration(); held < 2*threshold {
+		if held := r.Attrs["held"].Duration(); held < 2*threshold {
 			t.Errorf("leak.returned held %v, want >= %v", held, 2*threshold)
 		}
 	}
@@ -118,7 +118,7 @@ func testLeaks(t *testing.T, reused bool) {
 		t.Errorf("after release: %d returned, %d out; want 3 and 0", s.LeaksReturned, s.CheckedOut)
 	}
 	time.Sleep(3 * threshold)
-	if n := len(rec.events("leak.suspected")); n != 3 {
+	if n := len(rec.Events("leak.suspected")); n != 3 {
 		t.Errorf("%d leak.suspected after release, want still 3", n)
 	}
 }
@@ -149,7 +149,7 @@ func TestNoLeakUnderLoad(t *testing.T) {
 			}()
 		}
 		wg.Wait()
-		if n := len(rec.events("leak.suspected")); n != 0 || c.Stats().LeaksSuspected != 0 {
+		if n := len(rec.Events("leak.suspected")); n != 0 || c.Stats().LeaksSuspected != 0 {
 			t.Errorf("%d leak.suspected records over 10,000 short operations, want 0", n)
 		}
 		if got := c.Stats().Checkouts; got < 10_000 {
@@ -191,11 +191,11 @@ func TestPoolExhausted(t *testing.T) {
 			}()
 		}
 		time.Sleep(2500 * time.Millisecond)
-		recs := rec.events("pool.exhausted")
+		recs := rec.Events("pool.exhausted")
 		if len(recs) != 1 {
 			t.Fatalf("%d pool.exhausted records, want 1", len(recs))
 		}
-		a := recs[0].attrs
+		a := recs[0].Attrs
 		if a["in_use"].Int64() != 2 || a["max_open"].Int64() != 2 || a["waits_started"].Int64() != 5 {
 			t.Errorf("pool.exhausted in_use %v, max_open %v, waits_started %v; want 2, 2, 5", a["in_use"], a["max_open"], a["waits_started"])
 		}

@@ -139,10 +139,10 @@ func (c *conn) handleErr(ctx context.Context, err error, inTx bool) error {
 		// A demoted primary: every connection made before now may point at
 		// it, so the pool reconnects (multi-host DSNs then find the new one).
 		c.bad.Store(true)
-		c.c.invalidate(InvalidReadOnly)
+		c.c.invalidate(c.gen, InvalidReadOnly)
 	case wide:
 		c.bad.Store(true)
-		c.c.invalidate(cause)
+		c.c.invalidate(c.gen, cause)
 	case class == ClassConnLost || class == ClassShutdown:
 		c.bad.Store(true)
 		c.c.gate.suspect() // the server may be gone: the next connect probes for the others

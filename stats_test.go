@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql"
 	"database/sql/driver"
+	"errors"
 	"io"
 	"testing"
 	"testing/synctest"
@@ -20,7 +21,7 @@ func TestDiscardCounts(t *testing.T) {
 		setup  func(*testing.T, *conn, *fakeConn)
 	}{
 		{DiscardMarkedBad, shapePgx, nil, func(_ *testing.T, w *conn, _ *fakeConn) { w.bad.Store(true) }},
-		{DiscardInvalidated, shapePgx, nil, func(_ *testing.T, w *conn, _ *fakeConn) { w.c.invalidate(InvalidCrash) }},
+		{DiscardInvalidated, shapePgx, nil, func(_ *testing.T, w *conn, _ *fakeConn) { w.c.invalidate(w.gen, InvalidCrash) }},
 		{DiscardMaxAge, shapePgx, func(o *Options) { o.MaxAge = time.Minute }, func(_ *testing.T, w *conn, _ *fakeConn) {
 			w.life = lifetime{deadline: time.Now().Add(-time.Nanosecond)}
 		}},
@@ -55,8 +56,8 @@ func TestDiscardCounts(t *testing.T) {
 			if s.CheckedOut != 0 {
 				t.Errorf("a discarded checkout counts as checked out: %d", s.CheckedOut)
 			}
-			recs := rec.events("conn.discarded")
-			if len(recs) != 1 || recs[0].attrs["reason"].String() != tc.reason.String() || recs[0].attrs["at"].String() != "checkout" {
+			recs := rec.Events("conn.discarded")
+			if len(recs) != 1 || recs[0].Attrs["reason"].String() != tc.reason.String() || recs[0].Attrs["at"].String() != "checkout" {
 				t.Errorf("conn.discarded records %+v, want one with reason %s", recs, tc.reason)
 			}
 			if tc.reason == DiscardPingFailed && (s.Pings != 1 || s.PingFailures != 1) {
@@ -75,7 +76,7 @@ func TestReturnRejectedCounts(t *testing.T) {
 		setup  func(*conn, *fakeConn)
 	}{
 		{DiscardMarkedBad, shapePgx, func(w *conn, _ *fakeConn) { w.bad.Store(true) }},
-		{DiscardInvalidated, shapePgx, func(w *conn, _ *fakeConn) { w.c.invalidate(InvalidReadOnly) }},
+		{DiscardInvalidated, shapePgx, func(w *conn, _ *fakeConn) { w.c.invalidate(w.gen, InvalidReadOnly) }},
 		{DiscardMaxAge, shapePgx, func(w *conn, _ *fakeConn) { w.life = lifetime{deadline: time.Now().Add(-time.Nanosecond)} }},
 		{DiscardDriverReset, shapeMySQL, func(_ *conn, fc *fakeConn) { fc.valid = false }},
 	}
@@ -177,5 +178,51 @@ func TestStatsOf(t *testing.T) {
 	}
 	if _, ok := StatsOf(nil); ok {
 		t.Error("StatsOf(nil) = true")
+	}
+}
+
+// TestEverySessionEnded: a checkout that finds its connection closed peeks
+// at the pool's other idle connections; all closed retires the pool at once
+// (one invalidation, however many report it), one alive keeps it.
+func TestEverySessionEnded(t *testing.T) {
+	for _, alive := range []bool{false, true} {
+		t.Run(map[bool]string{false: "all-closed", true: "one-alive"}[alive], func(t *testing.T) {
+			c, f := newFakeConnector(shapePgx, opts(func(o *Options) { o.Ping = PingNever }))
+			var ws []*conn
+			for i := range 4 {
+				w, _ := connect(c, f)
+				client, server := tcpPair(t)
+				w.sock = newSockCheck(client)
+				if !(alive && i == 3) {
+					server.Close()
+					waitState(w.sock, sockClosed)
+				}
+				ws = append(ws, w)
+			}
+			for _, w := range ws {
+				w.IsValid() // returned: idle
+				w.lastActive = time.Now().Add(-2 * peekAfterIdle) // due for the peek
+			}
+			err := ws[0].ResetSession(context.Background())
+			s := c.Stats()
+			if alive {
+				if !errors.Is(err, ErrServerClosed) || s.Invalidations.Total() != 0 {
+					t.Fatalf("one session alive: %v, invalidations %v; want ErrServerClosed and none", err, s.Invalidations)
+				}
+				return
+			}
+			if !errors.Is(err, ErrInvalidated) || s.Invalidations[InvalidShutdown] != 1 {
+				t.Fatalf("every session closed: %v, invalidations %v; want ErrInvalidated and one shutdown", err, s.Invalidations)
+			}
+			// Others reporting the same event later count nothing more.
+			if c.invalidate(ws[1].gen, InvalidShutdown) || c.Stats().Invalidations.Total() != 1 {
+				t.Errorf("a second report of the same event moved the generation again")
+			}
+			for _, w := range ws[1:3] {
+				if err := w.ResetSession(context.Background()); !errors.Is(err, ErrInvalidated) {
+					t.Errorf("an older connection after the invalidation: %v, want ErrInvalidated", err)
+				}
+			}
+		})
 	}
 }

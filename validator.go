@@ -74,10 +74,10 @@ func (c *conn) ResetSession(ctx context.Context) error {
 		case sockClosed, sockFatal:
 			c.bad.Store(true)
 			c.c.gate.suspect()
-			if c.c.everySessionEnded(c) {
+			if c.c.everySessionEnded(c, now) {
 				// A shutdown or restart ended them all: retire the pool
 				// now rather than find each one dead in turn.
-				c.c.invalidate(InvalidShutdown)
+				c.c.invalidate(c.gen, InvalidShutdown)
 				return c.discard(DiscardInvalidated, ErrInvalidated)
 			}
 			return c.discard(DiscardServerClosed, ErrServerClosed)
@@ -157,7 +157,7 @@ func (c *conn) ping(ctx context.Context) error {
 	k.pingFailures.Add(1)
 	c.bad.Store(true)
 	if cause, ok := serverWide(err); ok {
-		c.c.invalidate(cause) // a crash ends every session, not just this one
+		c.c.invalidate(c.gen, cause) // a crash ends every session, not just this one
 	}
 	return c.discard(DiscardPingFailed, fmt.Errorf("resilientpg: checkout ping: %w: %w", driver.ErrBadConn, err))
 }
@@ -217,26 +217,55 @@ func (c *conn) rejectAtReturn(now time.Time) (DiscardReason, bool) {
 }
 
 // everySessionEnded reports whether, beside dead, every other idle
-// connection of the current generation has been closed or ended by the
-// server too: a shutdown or restart (a fast PostgreSQL shutdown sends each
-// session the same 57P01 that pg_terminate_backend sends one), or an
-// administrator ending them all. It peeks at their sockets, which costs a
-// syscall each and runs only on this failure path.
-func (c *Connector) everySessionEnded(dead *conn) bool {
-	gen := c.gen.Load()
-	peeked := 0
+// connection of its generation has been closed or ended by the server too:
+// a shutdown or restart (a fast PostgreSQL shutdown sends each session the
+// same 57P01 that pg_terminate_backend sends one), or an administrator
+// ending them all. It peeks at their sockets, which costs a syscall each
+// and runs only on this failure path.
+//
+// Only connections the event could have touched count: idle ones made
+// before the first of this wave of dead connections was found (a
+// replacement made since says nothing). One already marked bad counts as
+// ended.
+func (c *Connector) everySessionEnded(dead *conn, now time.Time) bool {
+	// A concurrent checkout may have found them all ended and retired the
+	// pool, before or during this scan.
+	retired := func() bool { return c.gen.Load() != dead.gen }
+	if retired() {
+		return true
+	}
+	wave := c.deadWave(now)
+	ended := 0
 	c.track.mu.Lock()
 	defer c.track.mu.Unlock()
 	for w := range c.track.conns {
-		if w == dead || w.gen != gen || w.sock == nil || w.bad.Load() || w.out.since.Load() != 0 {
-			continue // not idle, or already known
+		if w == dead || w.gen != dead.gen || w.sock == nil || !w.born.Before(wave) || w.out.since.Load() != 0 {
+			continue
+		}
+		if w.bad.Load() {
+			ended++
+			continue
 		}
 		switch w.sock.peekOther() {
 		case sockClosed, sockFatal:
-			peeked++
+			ended++
 		default:
-			return false // one is alive: only some sessions ended
+			return retired() // one is alive: only some sessions ended
 		}
 	}
-	return peeked > 0
+	return ended > 0 || retired()
+}
+
+// deadWave returns when the current wave of connections found dead at
+// checkout began: the first such find, unless that was over a second ago.
+func (c *Connector) deadWave(now time.Time) time.Time {
+	for {
+		old := c.lostWave.Load()
+		if old != 0 && now.UnixNano()-old < int64(time.Second) {
+			return time.Unix(0, old)
+		}
+		if c.lostWave.CompareAndSwap(old, now.UnixNano()) {
+			return now
+		}
+	}
 }

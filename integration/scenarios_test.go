@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/resilientpg/resilientpg"
+	"github.com/resilientpg/resilientpg/internal/eventlog"
 	"github.com/resilientpg/resilientpg/internal/faultlab"
 )
 
@@ -100,6 +102,7 @@ type scPool struct {
 	seq     atomic.Int64 // client-generated row ids
 	table   string       // the write scenarios' table
 	note    string
+	log     *eventlog.Recorder // the wrapper's events; nil for the bare driver
 }
 
 type scEnv struct {
@@ -136,14 +139,21 @@ func (env *scEnv) newProxy(target string) *faultlab.Proxy {
 // openPool opens a pool of 10 with dsn, whose connections go through proxy.
 func (env *scEnv) openPool(driverName string, wrapper bool, proxy *faultlab.Proxy, dsn string) *scPool {
 	env.t.Helper()
-	db, err := sql.Open(driverName, dsn)
-	if err != nil {
-		env.t.Fatalf("sql.Open(%q): %v", driverName, err)
+	var log *eventlog.Recorder
+	var db *sql.DB
+	if wrapper {
+		log = &eventlog.Recorder{}
+		db = env.openWrapperDB(dsn, log)
+	} else {
+		var err error
+		if db, err = sql.Open(driverName, dsn); err != nil {
+			env.t.Fatalf("sql.Open(%q): %v", driverName, err)
+		}
 	}
 	env.t.Cleanup(func() { db.Close() })
 	db.SetMaxOpenConns(scPoolSize)
 	db.SetMaxIdleConns(scPoolSize)
-	p := &scPool{name: driverName, wrapper: wrapper, proxy: proxy, db: db}
+	p := &scPool{name: driverName, wrapper: wrapper, proxy: proxy, db: db, log: log}
 	env.pools = append(env.pools, p)
 	return p
 }
@@ -325,6 +335,10 @@ func scKilled(usedJustBefore bool) func(env *scEnv) {
 		}
 		env.burst(ps, scBurstN, scBurstC, selectOne)
 		env.requireNoFailures(ps[0])
+		// Each dead connection discarded once: found closed by the socket
+		// peek, or retired with the pool when the peek found every idle
+		// connection closed at once.
+		env.checkDiscards(ps[0], scPoolSize, resilientpg.DiscardServerClosed, resilientpg.DiscardInvalidated)
 	}
 }
 
@@ -340,6 +354,12 @@ func scRestartIdle(env *scEnv) {
 	}
 	env.burst(ps, scBurstN, scBurstC, selectOne)
 	env.requireNoFailures(ps[0])
+	// The first checkout finds every idle connection closed at once: one
+	// invalidation retires all ten, without a ping each.
+	s := env.checkDiscards(ps[0], scPoolSize, resilientpg.DiscardInvalidated)
+	if s.Invalidations.Total() != 1 {
+		env.t.Errorf("%s: invalidations %v, want exactly 1", ps[0].name, s.Invalidations)
+	}
 }
 
 // scIdleTimeout lets the server's own idle timeout (1 s) end every pooled
@@ -380,6 +400,7 @@ func scHalfOpenIdle(env *scEnv) {
 	}
 	env.burst(ps, scHalfOpenN, scBurstC, selectOne)
 	env.requireNoFailures(ps[0])
+	env.checkDiscards(ps[0], scPoolSize, resilientpg.DiscardPingFailed)
 	limit := scPingTimeout + time.Second
 	if s := summarize(ps[0].rec.snapshot()); s.p99 > limit {
 		env.t.Errorf("%s: p99 %v, want <= ping timeout %v + one connect (1s) = %v", ps[0].name, s.p99, scPingTimeout, limit)
@@ -401,6 +422,7 @@ func scHalfOpenAlways(env *scEnv) {
 	ps[0].note += ", resilient_ping=always"
 	env.burst(ps, scHalfOpenN, scBurstC, selectOne)
 	env.requireNoFailures(ps[0])
+	env.checkDiscards(ps[0], scPoolSize, resilientpg.DiscardPingFailed)
 }
 
 // ---- scenarios: a fault under load ----
@@ -622,6 +644,10 @@ func scFaultUnderLoad(mode faultlab.StopMode, outage time.Duration) func(env *sc
 			p.note = faultStats(p, f).note(f)
 		}
 		env.checkFault(ps[0], f, outage > 0)
+		if outage > 0 {
+			env.checkOutageEvents(ps[0], f)
+		}
+		ps[0].note += "; " + account(env.stats(ps[0]))
 	}
 }
 
@@ -815,6 +841,11 @@ func scMaxAge(env *scEnv) {
 		}
 		if spread < 50*time.Millisecond {
 			env.t.Errorf("%s: the first generation was last used within %v, want replacements spread over >= 50ms", p.name, spread)
+		}
+		s := env.stats(p)
+		p.note += "; " + account(s)
+		if n := s.Discards[resilientpg.DiscardMaxAge] + s.ReturnsRejected[resilientpg.DiscardMaxAge]; n < scPoolSize {
+			env.t.Errorf("%s: %d connections retired for max age (%s), want >= %d", p.name, n, account(s), scPoolSize)
 		}
 	}
 }

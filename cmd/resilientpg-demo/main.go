@@ -183,6 +183,7 @@ func existingPostgres(ctx context.Context, dsn string) (*server, error) {
 type row struct {
 	phase, driver string
 	r             result
+	account       string // the wrapper's own account of the phase; "" for the bare driver
 }
 
 func printTable(rows []row) {
@@ -193,6 +194,13 @@ func printTable(rows []row) {
 		fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%v\t\n", r.phase, r.driver, r.r.ops, r.r.failed, r.r.p99().Round(time.Millisecond))
 	}
 	tw.Flush()
+	fmt.Println()
+	fmt.Println("What resilientpg saw (resilientpg.StatsOf, per fault):")
+	for _, r := range rows {
+		if r.account != "" {
+			fmt.Printf("  %s: %s\n", r.phase, r.account)
+		}
+	}
 	fmt.Println()
 	for _, r := range rows {
 		if r.r.firstErr != "" {

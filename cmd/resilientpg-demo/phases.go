@@ -8,6 +8,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/resilientpg/resilientpg"
 	"github.com/resilientpg/resilientpg/internal/faultlab"
 )
 
@@ -98,6 +99,10 @@ func runPhase(ctx context.Context, ph phase, s *server, byName map[string]*sql.D
 	for i, name := range order {
 		pools[i] = byName[name]
 	}
+	befores := make([]resilientpg.Stats, len(pools))
+	for i, db := range pools {
+		befores[i], _ = snapshot(db)
+	}
 	if ph.prepare != nil {
 		if err := ph.prepare(ctx, s, pools); err != nil {
 			return nil, err
@@ -134,6 +139,9 @@ func runPhase(ctx context.Context, ph phase, s *server, byName map[string]*sql.D
 	rows := make([]row, len(order))
 	for i, name := range order {
 		rows[i] = row{phase: ph.name, driver: name, r: recs[i].result()}
+		if after, ok := snapshot(pools[i]); ok {
+			rows[i].account = accountOf(befores[i], after).String()
+		}
 	}
 	return rows, nil
 }

@@ -1,0 +1,265 @@
+package resilientotel_test
+
+import (
+	"context"
+	"database/sql"
+	"maps"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/attribute"
+	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
+	"go.opentelemetry.io/otel/sdk/metric/metricdata"
+
+	"github.com/resilientpg/resilientpg"
+	resilientotel "github.com/resilientpg/resilientpg/otel"
+)
+
+// The attribute values, spelt out rather than taken from the package, so
+// that a renamed constant shows up here as a changed metric.
+var (
+	discardLabels = []string{"marked_bad", "invalidated", "max_age", "max_idle",
+		"server_closed", "left_in_tx", "driver_reset", "ping_failed"}
+	classLabels = []string{"other", "canceled", "conn_lost", "shutdown", // index 1 on: "none" is left out
+		"cannot_connect", "session_timeout", "read_only", "serialization", "auth"}
+	notRetriedLabels = []string{"may_have_run", "in_tx", "retry_off"}
+	retriedLabels    = []string{"not_sent", "read_only", "idempotent"}
+	causeLabels      = []string{"crash", "restart", "read_only", "shutdown"}
+)
+
+// synthetic gives every field of Stats a value of its own, so that an
+// instrument reading the wrong field cannot pass.
+func synthetic() resilientpg.Stats {
+	s := resilientpg.Stats{ConnsOpened: 101, ConnsOpen: 102, ConnectAttempts: 103,
+		ConnectTime: 1500 * time.Millisecond, Checkouts: 104, Pings: 105, PingFailures: 106,
+		PingTime: 2500 * time.Millisecond, PingTimeMax: 250 * time.Millisecond,
+		Gate: resilientpg.GateStats{State: resilientpg.ServerSuspect, Outages: 107, Downtime: 3 * time.Second,
+			Probes: 108, Waited: 109, FailedFast: 110},
+		CheckedOut: 111, OldestCheckout: 4 * time.Second, LeaksSuspected: 112, LeaksReturned: 113, PoolExhausted: 114}
+	for i := range s.ConnectFailures {
+		s.ConnectFailures[i], s.StatementFailures[i] = int64(200+i), int64(500+i)
+	}
+	for i := range s.Discards {
+		s.Discards[i], s.ReturnsRejected[i] = int64(300+i), int64(400+i)
+	}
+	for i := range s.Retries {
+		s.Retries[i] = int64(600 + i)
+	}
+	for i := range s.Invalidations {
+		s.Invalidations[i] = int64(700 + i)
+	}
+	return s
+}
+
+// kinds is every instrument with its kind and unit.
+var kinds = map[string]string{
+	"db.client.connection.count": "updown {connection}", "db.client.connection.max": "updown {connection}",
+	"resilientpg.connections.opened": "counter {connection}", "resilientpg.connections.open": "updown {connection}",
+	"resilientpg.connect.attempts": "counter {attempt}", "resilientpg.connect.failures": "counter {attempt}",
+	"resilientpg.connect.duration": "counter s", "resilientpg.checkouts": "counter {checkout}",
+	"resilientpg.discards": "counter {connection}", "resilientpg.returns.rejected": "counter {connection}",
+	"resilientpg.pings": "counter {ping}", "resilientpg.ping.failures": "counter {ping}",
+	"resilientpg.ping.duration": "counter s", "resilientpg.ping.duration.max": "gauge s",
+	"resilientpg.statement.failures": "counter {statement}", "resilientpg.statement.retries": "counter {statement}",
+	"resilientpg.statement.not_retried": "counter {statement}", "resilientpg.invalidations": "counter {invalidation}",
+	"resilientpg.server.state": "updown 1", "resilientpg.outages": "counter {outage}",
+	"resilientpg.downtime": "counter s", "resilientpg.connect.probes": "counter {attempt}",
+	"resilientpg.connect.waited": "counter {call}", "resilientpg.connect.failed_fast": "counter {call}",
+	"resilientpg.checked_out": "updown {connection}", "resilientpg.checkout.oldest": "gauge s",
+	"resilientpg.leaks.suspected": "counter {checkout}", "resilientpg.leaks.returned": "counter {checkout}",
+	"resilientpg.pool.exhausted": "counter {report}",
+}
+
+func TestRegisterMapsEveryField(t *testing.T) {
+	db := sql.OpenDB(&fakeConnector{})
+	defer db.Close()
+	db.SetMaxOpenConns(7)
+	query(t, db)
+	reader := sdkmetric.NewManualReader()
+	mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(reader))
+	if _, err := resilientotel.RegisterFrom(db, "orders", mp, func() (resilientpg.Stats, bool) { return synthetic(), true }); err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]float64{
+		"db.client.connection.count{db.client.connection.state=idle}": 1, "db.client.connection.max": 7,
+		"db.client.connection.count{db.client.connection.state=used}": 0, "resilientpg.pool.exhausted": 114,
+		"resilientpg.connections.opened": 101, "resilientpg.connections.open": 102,
+		"resilientpg.connect.attempts": 103, "resilientpg.connect.duration": 1.5,
+		"resilientpg.checkouts": 104, "resilientpg.pings": 105, "resilientpg.ping.failures": 106,
+		"resilientpg.ping.duration": 2.5, "resilientpg.ping.duration.max": 0.25,
+		"resilientpg.server.state{state=up}": 0, "resilientpg.server.state{state=suspect}": 1,
+		"resilientpg.server.state{state=down}": 0, "resilientpg.outages": 107,
+		"resilientpg.downtime": 3, "resilientpg.connect.probes": 108,
+		"resilientpg.connect.waited": 109, "resilientpg.connect.failed_fast": 110,
+		"resilientpg.checked_out": 111, "resilientpg.checkout.oldest": 4,
+		"resilientpg.leaks.suspected": 112, "resilientpg.leaks.returned": 113,
+	}
+	for i, l := range classLabels {
+		want["resilientpg.connect.failures{error.type="+l+"}"] = float64(201 + i)
+		want["resilientpg.statement.failures{error.type="+l+"}"] = float64(501 + i)
+	}
+	for i, l := range discardLabels {
+		want["resilientpg.discards{reason="+l+"}"] = float64(300 + i)
+		want["resilientpg.returns.rejected{reason="+l+"}"] = float64(400 + i)
+	}
+	for i, l := range notRetriedLabels {
+		want["resilientpg.statement.not_retried{reason="+l+"}"] = float64(600 + i)
+		want["resilientpg.statement.retries{reason="+retriedLabels[i]+"}"] = float64(603 + i)
+	}
+	for i, l := range causeLabels {
+		want["resilientpg.invalidations{cause="+l+"}"] = float64(700 + i)
+	}
+	got := collect(t, reader, "orders")
+	for _, k := range slices.Sorted(maps.Keys(want)) {
+		if g, ok := got[k]; !ok || g != want[k] {
+			t.Errorf("%s = %v (present %v), want %v", k, g, ok, want[k])
+		}
+	}
+	for k := range got {
+		if _, ok := want[k]; !ok {
+			t.Errorf("unexpected data point %s", k)
+		}
+	}
+}
+
+func TestRegisterOverTheWrapper(t *testing.T) {
+	fc := &fakeConnector{}
+	db, err := resilientpg.OpenDB(fc, resilientpg.DefaultOptions())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	query(t, db)
+	fc.last.Load().failReset.Store(true) // the next checkout refuses it
+	query(t, db)
+
+	reader := sdkmetric.NewManualReader()
+	reg, err := resilientotel.Register(db, "orders", sdkmetric.NewMeterProvider(sdkmetric.WithReader(reader)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := collect(t, reader, "orders")
+	s, _ := resilientpg.StatsOf(db)
+	t.Logf("stats: %+v", s)
+	for k, v := range map[string]float64{
+		"resilientpg.discards{reason=driver_reset}":                   1,
+		"resilientpg.connections.opened":                              2,
+		"resilientpg.connections.open":                                1,
+		"resilientpg.connect.attempts":                                2,
+		"resilientpg.server.state{state=up}":                          1,
+		"db.client.connection.count{db.client.connection.state=idle}": 1,
+	} {
+		if got[k] != v {
+			t.Errorf("%s = %v, want %v", k, got[k], v)
+		}
+	}
+	if _, ok := got["db.client.connection.max"]; ok {
+		t.Errorf("db.client.connection.max reported for an unlimited pool: %v", got["db.client.connection.max"])
+	}
+	if err := reg.Unregister(); err != nil {
+		t.Fatal(err)
+	}
+	if got := collect(t, reader, "orders"); len(got) != 0 {
+		t.Errorf("after Unregister: %d data points, want none", len(got))
+	}
+}
+
+func TestRegisterPlainDB(t *testing.T) {
+	db := sql.OpenDB(&fakeConnector{})
+	defer db.Close()
+	query(t, db)
+	reader := sdkmetric.NewManualReader()
+	otel.SetMeterProvider(sdkmetric.NewMeterProvider(sdkmetric.WithReader(reader)))
+	if _, err := resilientotel.Register(db, "plain", nil); err != nil { // nil: the global provider
+		t.Fatal(err)
+	}
+	got := collect(t, reader, "plain")
+	want := map[string]float64{
+		"db.client.connection.count{db.client.connection.state=idle}": 1,
+		"db.client.connection.count{db.client.connection.state=used}": 0,
+	}
+	if !maps.Equal(got, want) {
+		t.Errorf("a plain *sql.DB reported %v, want only %v", got, want)
+	}
+}
+
+func query(t *testing.T, db *sql.DB) {
+	t.Helper()
+	var one int
+	if err := db.QueryRow("SELECT 1").Scan(&one); err != nil || one != 1 {
+		t.Fatalf("query: %v (got %d)", err, one)
+	}
+}
+
+// collect reads reader once and flattens it into name{key=value,...} ->
+// value, with db.client.connection.pool.name, which every point must carry
+// as pool, left out of the key. It checks each instrument's kind and unit
+// against kinds on the way.
+func collect(t *testing.T, reader *sdkmetric.ManualReader, pool string) map[string]float64 {
+	t.Helper()
+	var rm metricdata.ResourceMetrics
+	if err := reader.Collect(context.Background(), &rm); err != nil {
+		t.Fatalf("collect: %v", err)
+	}
+	out := map[string]float64{}
+	for _, sm := range rm.ScopeMetrics {
+		if sm.Scope.Name != resilientotel.ScopeName {
+			t.Errorf("scope %q, want %q", sm.Scope.Name, resilientotel.ScopeName)
+		}
+		for _, m := range sm.Metrics {
+			var kind string
+			add := func(v float64, attrs []string) {
+				key, labels := m.Name, []string{}
+				sawPool := false
+				for _, a := range attrs {
+					if a == "db.client.connection.pool.name="+pool {
+						sawPool = true
+					} else {
+						labels = append(labels, a)
+					}
+				}
+				if !sawPool {
+					t.Errorf("%s: no pool name %q in %v", m.Name, pool, attrs)
+				}
+				if len(labels) > 0 {
+					key += "{" + strings.Join(labels, ",") + "}"
+				}
+				out[key] = v
+			}
+			switch d := m.Data.(type) {
+			case metricdata.Sum[int64]:
+				kind = map[bool]string{true: "counter", false: "updown"}[d.IsMonotonic]
+				for _, p := range d.DataPoints {
+					add(float64(p.Value), attrStrings(p.Attributes.ToSlice()))
+				}
+			case metricdata.Sum[float64]:
+				kind = map[bool]string{true: "counter", false: "updown"}[d.IsMonotonic]
+				for _, p := range d.DataPoints {
+					add(p.Value, attrStrings(p.Attributes.ToSlice()))
+				}
+			case metricdata.Gauge[float64]:
+				kind = "gauge"
+				for _, p := range d.DataPoints {
+					add(p.Value, attrStrings(p.Attributes.ToSlice()))
+				}
+			default:
+				t.Errorf("%s: unexpected data %T", m.Name, m.Data)
+			}
+			if got := kind + " " + m.Unit; got != kinds[m.Name] || m.Description == "" {
+				t.Errorf("%s: %q with description %q, want %q with a description", m.Name, got, m.Description, kinds[m.Name])
+			}
+		}
+	}
+	return out
+}
+
+func attrStrings(kvs []attribute.KeyValue) []string {
+	s := make([]string, len(kvs))
+	for i, kv := range kvs {
+		s[i] = string(kv.Key) + "=" + kv.Value.String()
+	}
+	return s
+}

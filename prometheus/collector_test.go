@@ -1,0 +1,245 @@
+package resilientprom_test
+
+import (
+	"database/sql"
+	"errors"
+	"maps"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	dto "github.com/prometheus/client_model/go"
+
+	"github.com/resilientpg/resilientpg"
+	resilientprom "github.com/resilientpg/resilientpg/prometheus"
+)
+
+// The label values, spelt out rather than taken from the package, so that
+// a renamed constant shows up here as a changed metric.
+var (
+	discardLabels = []string{"marked_bad", "invalidated", "max_age", "max_idle",
+		"server_closed", "left_in_tx", "driver_reset", "ping_failed"}
+	classLabels = []string{"other", "canceled", "conn_lost", "shutdown", // index 1 on: "none" is left out
+		"cannot_connect", "session_timeout", "read_only", "serialization", "auth"}
+	notRetriedLabels = []string{"may_have_run", "in_tx", "retry_off"}
+	retriedLabels    = []string{"not_sent", "read_only", "idempotent"}
+	causeLabels      = []string{"crash", "restart", "read_only", "shutdown"}
+	gauges           = []string{"resilientpg_conns_open", "resilientpg_ping_max_seconds", "resilientpg_server_state",
+		"resilientpg_checked_out", "resilientpg_oldest_checkout_seconds"}
+)
+
+const numFamilies = 27
+
+// synthetic gives every field of Stats a value of its own, so that a
+// metric reading the wrong field cannot pass.
+func synthetic() resilientpg.Stats {
+	s := resilientpg.Stats{ConnsOpened: 101, ConnsOpen: 102, ConnectAttempts: 103,
+		ConnectTime: 1500 * time.Millisecond, Checkouts: 104, Pings: 105, PingFailures: 106,
+		PingTime: 2500 * time.Millisecond, PingTimeMax: 250 * time.Millisecond,
+		Gate: resilientpg.GateStats{State: resilientpg.ServerSuspect, Outages: 107, Downtime: 3 * time.Second,
+			Probes: 108, Waited: 109, FailedFast: 110},
+		CheckedOut: 111, OldestCheckout: 4 * time.Second, LeaksSuspected: 112, LeaksReturned: 113, PoolExhausted: 114}
+	for i := range s.ConnectFailures {
+		s.ConnectFailures[i], s.StatementFailures[i] = int64(200+i), int64(500+i)
+	}
+	for i := range s.Discards {
+		s.Discards[i], s.ReturnsRejected[i] = int64(300+i), int64(400+i)
+	}
+	for i := range s.Retries {
+		s.Retries[i] = int64(600 + i)
+	}
+	for i := range s.Invalidations {
+		s.Invalidations[i] = int64(700 + i)
+	}
+	return s
+}
+
+func TestCollectorMapsEveryField(t *testing.T) {
+	c := resilientprom.NewCollectorFrom(func() (resilientpg.Stats, bool) { return synthetic(), true }, "orders")
+	want := map[string]float64{
+		"resilientpg_conns_opened_total": 101, "resilientpg_conns_open": 102,
+		"resilientpg_connect_attempts_total": 103, "resilientpg_connect_seconds_total": 1.5,
+		"resilientpg_checkouts_total": 104, "resilientpg_pings_total": 105, "resilientpg_ping_failures_total": 106,
+		"resilientpg_ping_seconds_total": 2.5, "resilientpg_ping_max_seconds": 0.25,
+		`resilientpg_server_state{state="up"}`: 0, `resilientpg_server_state{state="suspect"}`: 1,
+		`resilientpg_server_state{state="down"}`: 0, "resilientpg_outages_total": 107,
+		"resilientpg_downtime_seconds_total": 3, "resilientpg_connect_probes_total": 108,
+		"resilientpg_connect_waited_total": 109, "resilientpg_connect_failed_fast_total": 110,
+		"resilientpg_checked_out": 111, "resilientpg_oldest_checkout_seconds": 4,
+		"resilientpg_leaks_suspected_total": 112, "resilientpg_leaks_returned_total": 113,
+		"resilientpg_pool_exhausted_total": 114,
+	}
+	for i, l := range classLabels {
+		want[`resilientpg_connect_failures_total{class="`+l+`"}`] = float64(201 + i)
+		want[`resilientpg_statement_failures_total{class="`+l+`"}`] = float64(501 + i)
+	}
+	for i, l := range discardLabels {
+		want[`resilientpg_discards_total{reason="`+l+`"}`] = float64(300 + i)
+		want[`resilientpg_returns_rejected_total{reason="`+l+`"}`] = float64(400 + i)
+	}
+	for i, l := range notRetriedLabels {
+		want[`resilientpg_statements_not_retried_total{reason="`+l+`"}`] = float64(600 + i)
+		want[`resilientpg_statement_retries_total{reason="`+retriedLabels[i]+`"}`] = float64(603 + i)
+	}
+	for i, l := range causeLabels {
+		want[`resilientpg_invalidations_total{cause="`+l+`"}`] = float64(700 + i)
+	}
+
+	reg := prometheus.NewPedanticRegistry()
+	reg.MustRegister(c)
+	got := gather(t, reg, "orders")
+	for _, k := range slices.Sorted(maps.Keys(want)) {
+		if g, ok := got[k]; !ok || g != want[k] {
+			t.Errorf("%s = %v (present %v), want %v", k, g, ok, want[k])
+		}
+	}
+	for k := range got {
+		if _, ok := want[k]; !ok {
+			t.Errorf("unexpected series %s", k)
+		}
+	}
+	if n := testutil.CollectAndCount(c); n != len(want) {
+		t.Errorf("collected %d series, want %d", n, len(want))
+	}
+}
+
+// TestCollectorBesideDBStats registers the collector of a real wrapper
+// next to client_golang's database/sql collector in a pedantic registry,
+// which checks that what is collected matches what is described.
+func TestCollectorBesideDBStats(t *testing.T) {
+	fc := &fakeConnector{}
+	db, err := resilientpg.OpenDB(fc, resilientpg.DefaultOptions())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	query(t, db)
+	fc.last.Load().failReset.Store(true) // the next checkout refuses it
+	query(t, db)
+
+	reg := prometheus.NewPedanticRegistry()
+	reg.MustRegister(collectors.NewDBStatsCollector(db, "orders"), resilientprom.NewCollector(db, "orders"))
+	got := gather(t, reg, "orders")
+	s, _ := resilientpg.StatsOf(db)
+	t.Logf("stats: %+v", s)
+
+	if got["go_sql_open_connections"] != 1 {
+		t.Errorf("go_sql_open_connections = %v, want 1: the DBStats collector did not join", got["go_sql_open_connections"])
+	}
+	for k, v := range map[string]float64{
+		`resilientpg_discards_total{reason="driver_reset"}`: 1,
+		"resilientpg_conns_opened_total":                    2,
+		"resilientpg_conns_open":                            1,
+		"resilientpg_connect_attempts_total":                2,
+		`resilientpg_server_state{state="up"}`:              1,
+	} {
+		if got[k] != v {
+			t.Errorf("%s = %v, want %v", k, got[k], v)
+		}
+	}
+	var discards float64
+	for _, l := range discardLabels {
+		discards += got[`resilientpg_discards_total{reason="`+l+`"}`]
+	}
+	if discards != 1 || s.Discards.Total() != 1 {
+		t.Errorf("discards: metric sum %v, Stats %d, want 1", discards, s.Discards.Total())
+	}
+}
+
+func TestCollectorOfPlainDB(t *testing.T) {
+	db := sql.OpenDB(&fakeConnector{})
+	defer db.Close()
+	query(t, db)
+	c := resilientprom.NewCollector(db, "plain")
+	if n := testutil.CollectAndCount(c); n != 0 {
+		t.Errorf("a plain *sql.DB gave %d series, want 0", n)
+	}
+	descs := make(chan *prometheus.Desc, 100)
+	c.Describe(descs)
+	close(descs)
+	if len(descs) != numFamilies {
+		t.Errorf("described %d metrics, want %d", len(descs), numFamilies)
+	}
+	reg := prometheus.NewPedanticRegistry()
+	reg.MustRegister(collectors.NewDBStatsCollector(db, "plain"), c)
+	if got := gather(t, reg, "plain"); got["go_sql_open_connections"] != 1 {
+		t.Errorf("go_sql_open_connections = %v, want 1", got["go_sql_open_connections"])
+	}
+}
+
+// TestCollectorPerPool: pools tell apart by db_name; the same name twice
+// is refused, as it is for the DBStats collector.
+func TestCollectorPerPool(t *testing.T) {
+	db, err := resilientpg.OpenDB(&fakeConnector{}, resilientpg.DefaultOptions())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	reg := prometheus.NewPedanticRegistry()
+	reg.MustRegister(resilientprom.NewCollector(db, "a"), resilientprom.NewCollector(db, "b"))
+	var dup prometheus.AlreadyRegisteredError
+	if err := reg.Register(resilientprom.NewCollector(db, "a")); !errors.As(err, &dup) {
+		t.Errorf("second collector for db_name a: err = %v, want AlreadyRegisteredError", err)
+	}
+}
+
+func query(t *testing.T, db *sql.DB) {
+	t.Helper()
+	var one int
+	if err := db.QueryRow("SELECT 1").Scan(&one); err != nil || one != 1 {
+		t.Fatalf("query: %v (got %d)", err, one)
+	}
+}
+
+// gather flattens reg's metrics into name{label="value"} -> value, with
+// db_name, which every metric must carry as dbName, left out of the key.
+// It checks the type and help of the resilientpg families on the way.
+func gather(t *testing.T, reg *prometheus.Registry, dbName string) map[string]float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatalf("gather: %v", err)
+	}
+	out := map[string]float64{}
+	families := 0
+	for _, mf := range mfs {
+		name := mf.GetName()
+		ours := strings.HasPrefix(name, "resilientpg_")
+		if ours {
+			families++
+			wantType := dto.MetricType_COUNTER
+			if slices.Contains(gauges, name) {
+				wantType = dto.MetricType_GAUGE
+			}
+			if mf.GetType() != wantType || mf.GetHelp() == "" || (wantType == dto.MetricType_COUNTER) != strings.HasSuffix(name, "_total") {
+				t.Errorf("%s: type %v, help %q; want %v with a help", name, mf.GetType(), mf.GetHelp(), wantType)
+			}
+		}
+		for _, m := range mf.GetMetric() {
+			key, labels := name, []string{}
+			sawDB := false
+			for _, lp := range m.GetLabel() {
+				if lp.GetName() == "db_name" {
+					sawDB = lp.GetValue() == dbName
+					continue
+				}
+				labels = append(labels, lp.GetName()+`="`+lp.GetValue()+`"`)
+			}
+			if !sawDB {
+				t.Errorf("%s: no db_name=%q label in %v", name, dbName, m.GetLabel())
+			}
+			if len(labels) > 0 {
+				key += "{" + strings.Join(labels, ",") + "}"
+			}
+			out[key] = m.GetCounter().GetValue() + m.GetGauge().GetValue()
+		}
+	}
+	if families != 0 && families != numFamilies {
+		t.Errorf("gathered %d resilientpg families, want %d", families, numFamilies)
+	}
+	return out
+}
