@@ -200,7 +200,7 @@ func TestEverySessionEnded(t *testing.T) {
 				ws = append(ws, w)
 			}
 			for _, w := range ws {
-				w.IsValid() // returned: idle
+				w.IsValid()                                       // returned: idle
 				w.lastActive = time.Now().Add(-2 * peekAfterIdle) // due for the peek
 			}
 			err := ws[0].ResetSession(context.Background())
