@@ -11,8 +11,10 @@ import (
 
 // fastPathConn is a wrapper over a pgx-like fake whose socket check peeks at
 // a real loopback TCP socket, so the fast path pays its real syscall.
-func fastPathConn(tb testing.TB) *conn {
-	c, f := newFakeConnector(shapePgx, DefaultOptions())
+func fastPathConn(tb testing.TB) *conn { return fastPathConnWith(tb, DefaultOptions()) }
+
+func fastPathConnWith(tb testing.TB, o Options) *conn {
+	c, f := newFakeConnector(shapePgx, o)
 	w, _ := connect(c, f)
 	client, _ := tcpPair(tb)
 	w.sock = newSockCheck(client)
@@ -36,6 +38,19 @@ func TestCheckoutFastPathAllocs(t *testing.T) {
 	if n != 0 {
 		t.Fatalf("checkout+return fast path allocates %v times, want 0", n)
 	}
+	// With leak detection on, the borrower's stack goes into the
+	// connection's preallocated array: still nothing allocated.
+	o := DefaultOptions()
+	o.LeakThreshold = time.Hour
+	w = fastPathConnWith(t, o)
+	defer w.c.Close()
+	if n := testing.AllocsPerRun(1000, func() {
+		if err := w.ResetSession(ctx); err != nil || !w.IsValid() {
+			t.Fatal(err)
+		}
+	}); n != 0 {
+		t.Fatalf("with leak detection on, checkout+return allocates %v times, want 0", n)
+	}
 }
 
 // BenchmarkCheckoutFastPath measures ResetSession plus IsValid when no ping
@@ -47,20 +62,32 @@ func BenchmarkCheckoutFastPath(b *testing.B) {
 		name := map[bool]string{false: "reused", true: "idle"}[idle]
 		b.Run(name, func(b *testing.B) {
 			w := fastPathConn(b)
-			ctx := context.Background()
-			b.ReportAllocs()
-			for b.Loop() {
-				if idle {
-					w.lastActive = w.lastActive.Add(-2 * peekAfterIdle)
-				}
-				if err := w.ResetSession(ctx); err != nil {
-					b.Fatal(err)
-				}
-				if !w.IsValid() {
-					b.Fatal("invalid")
-				}
-			}
+			benchCheckout(b, w, idle)
 		})
+	}
+	// Leak detection on: the cost of capturing the borrower's stack.
+	o := DefaultOptions()
+	o.LeakThreshold = time.Hour
+	b.Run("reused-leak-detection", func(b *testing.B) {
+		w := fastPathConnWith(b, o)
+		defer w.c.Close()
+		benchCheckout(b, w, false)
+	})
+}
+
+func benchCheckout(b *testing.B, w *conn, idle bool) {
+	ctx := context.Background()
+	b.ReportAllocs()
+	for b.Loop() {
+		if idle {
+			w.lastActive = w.lastActive.Add(-2 * peekAfterIdle)
+		}
+		if err := w.ResetSession(ctx); err != nil {
+			b.Fatal(err)
+		}
+		if !w.IsValid() {
+			b.Fatal("invalid")
+		}
 	}
 }
 
