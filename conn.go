@@ -79,10 +79,12 @@ func newConn(c *Connector, inner driver.Conn, now time.Time) *conn {
 	w.pinger, _ = inner.(driver.Pinger)
 	w.resetter, _ = inner.(driver.SessionResetter)
 	w.validator, _ = inner.(driver.Validator)
-	if sc, ok := inner.(*stdlib.Conn); ok {
+	// UnwrapConn also finds pgx under a layer such as otelsql's, so the
+	// socket and transaction checks work when the wrapper sits outside it.
+	if sc, ok := UnwrapConn(inner).(*stdlib.Conn); ok {
 		w.pg = sc.Conn().PgConn()
 		w.sock = newSockCheck(w.pg.Conn())
-		if c.ownsPgx {
+		if c.ownsPgx && sc == inner {
 			// Our own pgx connector has no reset hook and no ping, so its
 			// ResetSession is only the closed and transaction checks,
 			// which checkout does itself.
