@@ -50,6 +50,7 @@ type conn struct {
 	fresh      bool        // not yet used: its first call is its checkout; guarded by the driverConn lock
 	bad        atomic.Bool // sticky: the conn must not be reused
 	txFlag     atomic.Bool // txOpen, for the leak watcher's goroutine
+	tx         tx          // the transaction guard; guarded by the driverConn lock
 	out        checkout    // the current borrow, for the gauges and leak detection
 }
 
@@ -119,6 +120,9 @@ func (c *conn) Prepare(query string) (driver.Stmt, error) {
 	if c.fresh {
 		c.firstUse()
 	}
+	if err := c.refuseInTx(); err != nil {
+		return nil, err
+	}
 	inTx := c.inTx()
 	s, err := c.inner.Prepare(query)
 	if err != nil {
@@ -132,6 +136,9 @@ func (c *conn) PrepareContext(ctx context.Context, query string) (driver.Stmt, e
 	if c.prepCtx != nil {
 		if c.fresh {
 			c.firstUse()
+		}
+		if err := c.refuseInTx(); err != nil {
+			return nil, err
 		}
 		inTx := c.inTx()
 		s, err := c.prepCtx.PrepareContext(ctx, query)
@@ -169,11 +176,9 @@ func (c *conn) Begin() (driver.Tx, error) {
 	}
 	tx, err := c.inner.Begin() //lint:ignore SA1019 forwarding the required method
 	if err != nil {
-		return nil, c.handleErr(context.Background(), err, true)
+		return nil, c.handleErr(context.Background(), err, false)
 	}
-	c.txOpen = true
-	c.txFlag.Store(true)
-	return tx, nil
+	return c.begin(tx), nil
 }
 
 // BeginTx forwards, or does what database/sql's ctxDriverBegin does.
@@ -188,27 +193,9 @@ func (c *conn) BeginTx(ctx context.Context, opts driver.TxOptions) (driver.Tx, e
 			// retried only when the driver proves it was not sent.
 			return nil, c.handleErr(ctx, err, true)
 		}
-		c.txOpen = true
-		c.txFlag.Store(true)
-		return tx, nil
+		return c.begin(tx), nil
 	}
-	// Same checks and messages as database/sql.
-	if opts.Isolation != driver.IsolationLevel(0) {
-		return nil, errors.New("sql: driver does not support non-default isolation level")
-	}
-	if opts.ReadOnly {
-		return nil, errors.New("sql: driver does not support read-only transactions")
-	}
-	tx, err := c.Begin()
-	if err == nil && ctx.Done() != nil {
-		select {
-		default:
-		case <-ctx.Done():
-			tx.Rollback()
-			return nil, ctx.Err()
-		}
-	}
-	return tx, err
+	return c.beginFallback(ctx, opts) // same checks and messages as database/sql
 }
 
 // ExecContext forwards, falls back to the legacy Execer as database/sql's
@@ -216,6 +203,9 @@ func (c *conn) BeginTx(ctx context.Context, opts driver.TxOptions) (driver.Tx, e
 func (c *conn) ExecContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Result, error) {
 	if c.fresh {
 		c.firstUse()
+	}
+	if err := c.refuseInTx(); err != nil {
+		return nil, err
 	}
 	inTx := c.inTx()
 	if c.execCtx != nil {
@@ -246,6 +236,9 @@ func (c *conn) ExecContext(ctx context.Context, query string, args []driver.Name
 func (c *conn) QueryContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Rows, error) {
 	if c.fresh {
 		c.firstUse()
+	}
+	if err := c.refuseInTx(); err != nil {
+		return nil, err
 	}
 	inTx := c.inTx()
 	if c.queryCtx != nil {

@@ -97,6 +97,16 @@ type fakeConn struct {
 	pingErr  func(ctx context.Context) error
 	resetErr error
 	execErr  error
+	// Transactions: beginErr fails BEGIN; txExecErrs are returned by the
+	// statements of a transaction in turn (nil: success); commitErr and
+	// rollbackErr by its end. commits and rollbacks count what was sent.
+	beginErr             error
+	txExecErrs           []error
+	commitErr            error
+	rollbackErr          error
+	commits, rollbacks   atomic.Int64
+	inTxExecs, autoExecs atomic.Int64 // statements run inside a transaction, and outside
+	txOpenNow            bool
 }
 
 func (c *fakeConn) Prepare(q string) (driver.Stmt, error) {
@@ -114,7 +124,11 @@ func (c *fakeConn) Close() error {
 
 func (c *fakeConn) Begin() (driver.Tx, error) {
 	c.begins.Add(1)
-	return fakeTx{}, nil
+	if c.beginErr != nil {
+		return nil, c.beginErr
+	}
+	c.txOpenNow = true
+	return fakeTx{c}, nil
 }
 
 // The pgx-like shape.
@@ -131,6 +145,18 @@ func (c *pgxLikeConn) BeginTx(context.Context, driver.TxOptions) (driver.Tx, err
 func (c *pgxLikeConn) ExecContext(_ context.Context, q string, args []driver.NamedValue) (driver.Result, error) {
 	c.execs.Add(1)
 	c.lastQuery, c.lastArgs = q, args
+	if c.txOpenNow {
+		c.inTxExecs.Add(1)
+		if len(c.txExecErrs) > 0 {
+			err := c.txExecErrs[0]
+			c.txExecErrs = c.txExecErrs[1:]
+			if err != nil {
+				return nil, err
+			}
+		}
+	} else {
+		c.autoExecs.Add(1)
+	}
 	if c.execErr != nil {
 		return nil, c.execErr
 	}
@@ -207,10 +233,22 @@ func (s fakeStmt) Query([]driver.Value) (driver.Rows, error) {
 	return &fakeRows{vals: []int64{int64(s.c.id)}}, nil
 }
 
-type fakeTx struct{}
+type fakeTx struct{ c *fakeConn }
 
-func (fakeTx) Commit() error   { return nil }
-func (fakeTx) Rollback() error { return nil }
+// Commit fails once with commitErr, as a server would for one transaction.
+func (t fakeTx) Commit() error {
+	t.c.commits.Add(1)
+	t.c.txOpenNow = false
+	err := t.c.commitErr
+	t.c.commitErr = nil
+	return err
+}
+
+func (t fakeTx) Rollback() error {
+	t.c.rollbacks.Add(1)
+	t.c.txOpenNow = false
+	return t.c.rollbackErr
+}
 
 // fakeRows yields one int64 column.
 type fakeRows struct {

@@ -156,12 +156,20 @@ func (c *conn) handleErr(ctx context.Context, err error, inTx bool) error {
 		// SafeToRetry errors, mysql when nothing was written).
 		c.bad.Store(true)
 		c.c.stats.retries[ReasonNotSent].Add(1)
-		return &StatementError{Class: class, Reason: ReasonNotSent, Err: err}
+		ret := &StatementError{Class: class, Reason: ReasonNotSent, Err: err}
+		if c.tx.active && inTx {
+			return c.noteTxFailure(err, ret)
+		}
+		return ret
 	}
 	reason := c.retryStatement(ctx, err, class, inTx)
+	ret := err
 	if reason.Retried() || readOnlyFailover || IsDisconnect(err) {
 		c.c.stats.retries[reason].Add(1)
-		return &StatementError{Class: class, Reason: reason, Err: err}
+		ret = &StatementError{Class: class, Reason: reason, Err: err}
 	}
-	return err
+	if c.tx.active && inTx {
+		return c.noteTxFailure(err, ret)
+	}
+	return ret
 }

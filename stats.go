@@ -82,6 +82,33 @@ type InvalidationCounts [numInvalidationCauses]int64
 // Total is the sum over every cause.
 func (c InvalidationCounts) Total() int64 { return sum(c[:]) }
 
+// TxRetryCause says why RunTx ran a transaction again.
+type TxRetryCause uint8
+
+const (
+	TxRetrySerialization TxRetryCause = iota // 40001, MySQL 1205 lock wait timeout
+	TxRetryDeadlock                          // 40P01, MySQL 1213
+	TxRetryConnLost                          // the connection was lost before COMMIT was sent, or BEGIN failed on it
+	TxRetryUnique                            // 23505, 1062, with TxRetryUniqueViolation
+	TxRetryExtra                             // a code given with TxRetryOn
+	numTxRetryCauses
+)
+
+var txCauseNames = [numTxRetryCauses]string{"serialization", "deadlock", "conn_lost", "unique", "extra"}
+
+func (c TxRetryCause) String() string {
+	if c < numTxRetryCauses {
+		return txCauseNames[c]
+	}
+	return "TxRetryCause(" + strconv.Itoa(int(c)) + ")"
+}
+
+// TxRetryCounts counts by TxRetryCause.
+type TxRetryCounts [numTxRetryCauses]int64
+
+// Total is the sum over every cause.
+func (c TxRetryCounts) Total() int64 { return sum(c[:]) }
+
 // ServerState is what the connect gate believes about the server.
 type ServerState uint8
 
@@ -142,6 +169,11 @@ type Stats struct {
 	LeaksSuspected int64         // checkouts held past resilient_leak_threshold
 	LeaksReturned  int64         // of those, returned since
 	PoolExhausted  int64         // pool.exhausted reports
+
+	TxAttempts      int64         // transaction attempts RunTx began
+	TxRetries       TxRetryCounts // attempts RunTx ran again, by cause
+	TxCommitUnknown int64         // Commits whose outcome is unknown (ErrCommitUnknown)
+	TxRefused       int64         // statements and Commits the transaction guard refused (ErrTxAborted) without sending them
 }
 
 // counters is the live, atomic side of Stats. Each field is bumped at the
@@ -168,6 +200,10 @@ type counters struct {
 	checkedOut                    atomic.Int64
 	leaksSuspected, leaksReturned atomic.Int64
 	poolExhausted                 atomic.Int64
+
+	txAttempts               atomic.Int64
+	txRetries                [numTxRetryCauses]atomic.Int64
+	commitUnknown, txRefused atomic.Int64
 }
 
 // maxInto raises m to v if v is larger.
@@ -196,7 +232,11 @@ func (c *Connector) Stats() Stats {
 		LeaksSuspected:  k.leaksSuspected.Load(),
 		LeaksReturned:   k.leaksReturned.Load(),
 		PoolExhausted:   k.poolExhausted.Load(),
+		TxAttempts:      k.txAttempts.Load(),
+		TxCommitUnknown: k.commitUnknown.Load(),
+		TxRefused:       k.txRefused.Load(),
 	}
+	load(s.TxRetries[:], k.txRetries[:])
 	s.ConnsOpen = s.ConnsOpened - k.connsClosed.Load()
 	load(s.ConnectFailures[:], k.connectFailures[:])
 	load(s.Discards[:], k.discards[:])
