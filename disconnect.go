@@ -114,7 +114,7 @@ func Classify(err error) Class {
 		errors.Is(err, syscall.ENETUNREACH):
 		// Nothing listens or nothing routes: a new connection fails now.
 		return ClassCannotConnect
-	case errors.Is(err, mysql.ErrInvalidConn), errors.Is(err, driver.ErrBadConn),
+	case errors.Is(err, mysql.ErrInvalidConn), errors.Is(err, driver.ErrBadConn), errors.Is(err, pgconn.ErrConnClosed),
 		errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, net.ErrClosed),
 		errors.Is(err, syscall.ECONNRESET), errors.Is(err, syscall.EPIPE),
 		errors.Is(err, syscall.ECONNABORTED), errors.Is(err, syscall.ETIMEDOUT):

@@ -80,6 +80,7 @@ func TestClassify(t *testing.T) {
 		{"io.EOF", io.EOF, ClassConnLost},
 		{"unexpected EOF", io.ErrUnexpectedEOF, ClassConnLost},
 		{"net.ErrClosed", net.ErrClosed, ClassConnLost},
+		{"pgconn conn closed", pgconn.ErrConnClosed, ClassConnLost}, // pgx: the connection was closed after an earlier failure
 		{"ECONNRESET", opErr("read", syscall.ECONNRESET), ClassConnLost},
 		{"EPIPE", opErr("write", syscall.EPIPE), ClassConnLost},
 		{"ETIMEDOUT", opErr("read", syscall.ETIMEDOUT), ClassConnLost},

@@ -185,7 +185,7 @@ func (cfg *txConfig) retryable(err error, readOnly bool) (TxRetryCause, bool) {
 		}
 	}
 	var be *beginError
-	if errors.As(err, &be) && (IsDisconnect(err) || Classify(err) == ClassCannotConnect || errors.Is(err, driver.ErrBadConn)) {
+	if errors.As(err, &be) && (IsDisconnect(err) || Classify(err) == ClassCannotConnect || errors.Is(err, driver.ErrBadConn) || pgconn.SafeToRetry(err)) {
 		return TxRetryConnLost, true // BEGIN never got a transaction started
 	}
 	if errors.Is(err, ErrTxAborted) && (IsDisconnect(err) || errors.Is(err, ErrServerClosed) || pgconn.SafeToRetry(err)) {

@@ -42,9 +42,19 @@ type txRow struct {
 	committed bool // the failed first attempt sent COMMIT
 }
 
+// connClosedError is pgconn's "conn closed": nothing sent, on a connection
+// pgx closed after an earlier failure.
+type connClosedError struct{}
+
+func (connClosedError) Error() string     { return "conn closed" }
+func (connClosedError) SafeToRetry() bool { return true }
+func (connClosedError) Unwrap() error     { return pgconn.ErrConnClosed }
+
 var txTable = []txRow{
 	{name: "commits", first: func(*fakeConn) {}, attempts: 1},
 	{name: "BEGIN on a lost connection", first: func(c *fakeConn) { c.beginErr = io.ErrUnexpectedEOF },
+		attempts: 2, cause: TxRetryConnLost},
+	{name: "BEGIN on a connection pgx closed", first: func(c *fakeConn) { c.beginErr = connClosedError{} },
 		attempts: 2, cause: TxRetryConnLost},
 	{name: "serialization failure", first: func(c *fakeConn) { c.txExecErrs = []error{errSerial} },
 		attempts: 2, cause: TxRetrySerialization},

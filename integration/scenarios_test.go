@@ -3,6 +3,7 @@ package integration
 import (
 	"context"
 	"database/sql"
+	"errors"
 	"fmt"
 	"slices"
 	"strconv"
@@ -86,6 +87,8 @@ var scScenarios = []scScenario{
 	{name: "read-only-failover", pgOnly: true, run: scReadOnlyFailover},
 	{name: "writes-restart", run: scWrites(faultlab.StopFast, 0)},
 	{name: "writes-outage-3s", run: scWrites(faultlab.StopImmediate, scOutage)},
+	{name: "tx-writes-restart", run: scTxWrites(faultlab.StopFast, 0)},
+	{name: "tx-writes-outage-3s", run: scTxWrites(faultlab.StopImmediate, scOutage)},
 	{name: "max-age-2s", run: scMaxAge},
 }
 
@@ -657,37 +660,81 @@ func scFaultUnderLoad(mode faultlab.StopMode, outage time.Duration) func(env *sc
 // missing acknowledged id.
 func scWrites(mode faultlab.StopMode, outage time.Duration) func(env *scEnv) {
 	return func(env *scEnv) {
-		ps := env.standardPools()
-		for i, p := range ps {
-			p.table = fmt.Sprintf("rows_%d", i)
-			env.srv.createTable(env.ctx, env.t, p.table)
-		}
-		env.warm(ps, "SELECT 1")
-		insert := func(ctx context.Context, p *scPool) (int64, error) {
-			id := p.seq.Add(1)
+		env.writes(mode, outage, func(ctx context.Context, p *scPool, id int64) error {
 			_, err := p.db.ExecContext(ctx, env.e.insertSQL(p.table), id)
-			return id, err
-		}
-		f := env.stopStartUnderLoad(ps, mode, outage, scMaxOps, insert)
-		for _, p := range ps {
-			w := env.checkWrites(p)
-			p.note = fmt.Sprintf("rows %d, duplicates %d, acked missing %d, failed but present %d/%d; %s",
-				w.rows, w.dups, w.missing, w.failedPresent, w.failed, faultStats(p, f).note(f))
-			if p.wrapper {
-				if w.dups != 0 {
-					env.t.Errorf("%s: %d duplicate rows: a write ran twice", p.name, w.dups)
-				}
-				if w.missing != 0 {
-					env.t.Errorf("%s: %d acknowledged writes are missing", p.name, w.missing)
-				}
-				if w.strays != 0 {
-					env.t.Errorf("%s: %d rows with ids never written (test bug?)", p.name, w.strays)
-				}
-			}
-			env.t.Logf("%s: %d rows, %d duplicates, %d acknowledged missing, %d of %d failed writes present anyway",
-				p.name, w.rows, w.dups, w.missing, w.failedPresent, w.failed)
-		}
+			return err
+		})
 	}
+}
+
+// scTxWrites is scWrites with each insert in a transaction run by
+// resilientpg.RunTx (on both pools: RunTx works over any *sql.DB). Every
+// error the wrapper's caller gets must be ErrCommitUnknown or its own
+// deadline; how many of the unknown commits did commit is reported.
+func scTxWrites(mode faultlab.StopMode, outage time.Duration) func(env *scEnv) {
+	return func(env *scEnv) {
+		ps := env.writes(mode, outage, func(ctx context.Context, p *scPool, id int64) error {
+			return resilientpg.RunTx(ctx, p.db, nil, func(ctx context.Context, tx *sql.Tx) error {
+				_, err := tx.ExecContext(ctx, env.e.insertSQL(p.table), id)
+				return err
+			})
+		})
+		w := ps[0]
+		got := rowIDs(env.ctx, env.t, env.srv.admin, w.table)
+		unknown, unknownCommitted := 0, 0
+		for _, o := range w.rec.snapshot() {
+			switch {
+			case o.err == nil:
+			case errors.Is(o.err, resilientpg.ErrCommitUnknown):
+				unknown++
+				if got[o.val] > 0 {
+					unknownCommitted++
+				}
+			case errors.Is(o.err, context.DeadlineExceeded):
+			default:
+				env.t.Errorf("%s: RunTx returned %v: want success, ErrCommitUnknown or the caller's deadline", w.name, o.err)
+			}
+		}
+		s := env.stats(w)
+		w.note += fmt.Sprintf("; RunTx: %d commit-unknown (%d of them committed), %d attempts, retries %v",
+			unknown, unknownCommitted, s.TxAttempts, s.TxRetries)
+	}
+}
+
+// writes runs 8 writers per pool inserting client-generated ids with write
+// through a stop/start, and checks the wrapper's: no duplicate, no
+// acknowledged write missing. It returns the pools, wrapper first.
+func (env *scEnv) writes(mode faultlab.StopMode, outage time.Duration, write func(ctx context.Context, p *scPool, id int64) error) []*scPool {
+	ps := env.standardPools()
+	for i, p := range ps {
+		p.table = fmt.Sprintf("rows_%d", i)
+		env.srv.createTable(env.ctx, env.t, p.table)
+	}
+	env.warm(ps, "SELECT 1")
+	insert := func(ctx context.Context, p *scPool) (int64, error) {
+		id := p.seq.Add(1)
+		return id, write(ctx, p, id)
+	}
+	f := env.stopStartUnderLoad(ps, mode, outage, scMaxOps, insert)
+	for _, p := range ps {
+		w := env.checkWrites(p)
+		p.note = fmt.Sprintf("rows %d, duplicates %d, acked missing %d, failed but present %d/%d; %s",
+			w.rows, w.dups, w.missing, w.failedPresent, w.failed, faultStats(p, f).note(f))
+		if p.wrapper {
+			if w.dups != 0 {
+				env.t.Errorf("%s: %d duplicate rows: a write ran twice", p.name, w.dups)
+			}
+			if w.missing != 0 {
+				env.t.Errorf("%s: %d acknowledged writes are missing", p.name, w.missing)
+			}
+			if w.strays != 0 {
+				env.t.Errorf("%s: %d rows with ids never written (test bug?)", p.name, w.strays)
+			}
+		}
+		env.t.Logf("%s: %d rows, %d duplicates, %d acknowledged missing, %d of %d failed writes present anyway",
+			p.name, w.rows, w.dups, w.missing, w.failedPresent, w.failed)
+	}
+	return ps
 }
 
 type scWriteStats struct {
