@@ -229,3 +229,26 @@ func ExampleDriver_Unwrap() {
 	fmt.Println(isMySQL)
 	// Output: true
 }
+
+// RunTx runs a transaction and runs it again, whole, after a serialization
+// failure or a deadlock; fn may therefore run more than once.
+func ExampleRunTx() {
+	db, _ := sql.Open("resilientpg", "postgres://app@db/app")
+	defer db.Close()
+	ctx := context.Background()
+	err := resilientpg.RunTx(ctx, db, &sql.TxOptions{Isolation: sql.LevelSerializable},
+		func(ctx context.Context, tx *sql.Tx) error {
+			_, err := tx.ExecContext(ctx, "UPDATE accounts SET balance = balance - 10 WHERE id = 1")
+			if err != nil {
+				return err
+			}
+			_, err = tx.ExecContext(ctx, "UPDATE accounts SET balance = balance + 10 WHERE id = 2")
+			return err
+		}, resilientpg.TxAttempts(5))
+	switch {
+	case errors.Is(err, resilientpg.ErrCommitUnknown):
+		log.Print("the transfer may or may not have happened: check before retrying")
+	case err != nil:
+		log.Print(err)
+	}
+}

@@ -57,16 +57,39 @@ func BenchmarkQueryRow(b *testing.B) {
 // always goes first. Not safe for concurrent use: one per goroutine.
 type pairs struct {
 	bare, wrapped *sql.DB
+	op            func(ctx context.Context, db *sql.DB) error // nil: SELECT 1
 	bareTimes     []time.Duration
 	diffs         []time.Duration // wrapped minus bare, per pair
 }
 
+func selectOneOp(ctx context.Context, db *sql.DB) error {
+	var n int
+	return db.QueryRowContext(ctx, "SELECT 1").Scan(&n)
+}
+
+// txOp is a transaction of one statement, through the wrapper's guard.
+func txOp(ctx context.Context, db *sql.DB) error {
+	tx, err := db.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	var n int
+	if err := tx.QueryRowContext(ctx, "SELECT 1").Scan(&n); err != nil {
+		tx.Rollback()
+		return err
+	}
+	return tx.Commit()
+}
+
 func (p *pairs) run(tb testing.TB, i int) {
 	ctx := context.Background()
+	op := p.op
+	if op == nil {
+		op = selectOneOp
+	}
 	query := func(db *sql.DB) time.Duration {
 		start := time.Now()
-		var n int
-		if err := db.QueryRowContext(ctx, "SELECT 1").Scan(&n); err != nil {
+		if err := op(ctx, db); err != nil {
 			tb.Error(err)
 		}
 		return time.Since(start)
@@ -128,6 +151,36 @@ func BenchmarkQueryRowParallelInterleaved(b *testing.B) {
 		mu.Unlock()
 	})
 	all.report(b)
+}
+
+// BenchmarkTxInterleaved is the interleaved comparison for a transaction
+// (BEGIN, SELECT 1, COMMIT): the cost of the transaction guard, including
+// its socket check before COMMIT.
+func BenchmarkTxInterleaved(b *testing.B) {
+	p := newPairs(b)
+	p.op = txOp
+	b.ReportAllocs()
+	for i := 0; b.Loop(); i++ {
+		p.run(b, i)
+	}
+	p.report(b)
+}
+
+// BenchmarkTx measures the transaction alone per driver, for allocs/op.
+func BenchmarkTx(b *testing.B) {
+	dsn := requirePostgres(b)
+	for _, d := range benchDrivers {
+		b.Run(d, func(b *testing.B) {
+			db := openBenchDB(b, d, dsn)
+			ctx := context.Background()
+			b.ReportAllocs()
+			for b.Loop() {
+				if err := txOp(ctx, db); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
 }
 
 func median(d []time.Duration) time.Duration {
