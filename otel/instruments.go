@@ -85,6 +85,15 @@ func (b *builder) define() {
 		func(s *stats) int64 { return s.LeaksReturned })
 	b.counter("resilientpg.pool.exhausted", "{report}", "Times every connection was in use for over a second while callers waited, reported at most once a minute while it lasts.",
 		func(s *stats) int64 { return s.PoolExhausted })
+
+	b.counter("resilientpg.tx.attempts", "{transaction}", "Transaction attempts RunTx began.",
+		func(s *stats) int64 { return s.TxAttempts })
+	b.counterBy("resilientpg.tx.retries", "{transaction}", "Transactions RunTx ran again, by cause.",
+		"cause", txCauseLabels(), func(s *stats) []int64 { return s.TxRetries[:] })
+	b.counter("resilientpg.tx.commit_unknown", "{transaction}", "Commits whose connection was lost while COMMIT was in flight (ErrCommitUnknown).",
+		func(s *stats) int64 { return s.TxCommitUnknown })
+	b.counter("resilientpg.tx.refused", "{statement}", "Statements and Commits the transaction guard refused (ErrTxAborted) without sending them.",
+		func(s *stats) int64 { return s.TxRefused })
 }
 
 // add keeps the instrument for the callback, or the first error.
@@ -191,6 +200,14 @@ func retryLabels(retried bool) []string {
 		} else {
 			l = append(l, "")
 		}
+	}
+	return l
+}
+
+func txCauseLabels() []string {
+	var l []string
+	for i := range (resilientpg.TxRetryCounts{}) {
+		l = append(l, resilientpg.TxRetryCause(i).String())
 	}
 	return l
 }

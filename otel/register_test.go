@@ -38,7 +38,11 @@ func synthetic() resilientpg.Stats {
 		PingTime: 2500 * time.Millisecond, PingTimeMax: 250 * time.Millisecond,
 		Gate: resilientpg.GateStats{State: resilientpg.ServerSuspect, Outages: 107, Downtime: 3 * time.Second,
 			Probes: 108, Waited: 109, FailedFast: 110},
-		CheckedOut: 111, OldestCheckout: 4 * time.Second, LeaksSuspected: 112, LeaksReturned: 113, PoolExhausted: 114}
+		CheckedOut: 111, OldestCheckout: 4 * time.Second, LeaksSuspected: 112, LeaksReturned: 113, PoolExhausted: 114,
+		TxAttempts: 115, TxCommitUnknown: 116, TxRefused: 117}
+	for i := range s.TxRetries {
+		s.TxRetries[i] = int64(800 + i)
+	}
 	for i := range s.ConnectFailures {
 		s.ConnectFailures[i], s.StatementFailures[i] = int64(200+i), int64(500+i)
 	}
@@ -71,6 +75,8 @@ var kinds = map[string]string{
 	"resilientpg.checked_out": "updown {connection}", "resilientpg.checkout.oldest": "gauge s",
 	"resilientpg.leaks.suspected": "counter {checkout}", "resilientpg.leaks.returned": "counter {checkout}",
 	"resilientpg.pool.exhausted": "counter {report}",
+	"resilientpg.tx.attempts":    "counter {transaction}", "resilientpg.tx.retries": "counter {transaction}",
+	"resilientpg.tx.commit_unknown": "counter {transaction}", "resilientpg.tx.refused": "counter {statement}",
 }
 
 func TestRegisterMapsEveryField(t *testing.T) {
@@ -96,6 +102,10 @@ func TestRegisterMapsEveryField(t *testing.T) {
 		"resilientpg.connect.waited": 109, "resilientpg.connect.failed_fast": 110,
 		"resilientpg.checked_out": 111, "resilientpg.checkout.oldest": 4,
 		"resilientpg.leaks.suspected": 112, "resilientpg.leaks.returned": 113,
+		"resilientpg.tx.attempts": 115, "resilientpg.tx.commit_unknown": 116, "resilientpg.tx.refused": 117,
+	}
+	for i, l := range []string{"serialization", "deadlock", "conn_lost", "unique", "extra"} {
+		want["resilientpg.tx.retries{cause="+l+"}"] = float64(800 + i)
 	}
 	for i, l := range classLabels {
 		want["resilientpg.connect.failures{error.type="+l+"}"] = float64(201 + i)

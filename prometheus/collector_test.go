@@ -32,7 +32,7 @@ var (
 		"resilientpg_checked_out", "resilientpg_oldest_checkout_seconds"}
 )
 
-const numFamilies = 27
+const numFamilies = 31
 
 // synthetic gives every field of Stats a value of its own, so that a
 // metric reading the wrong field cannot pass.
@@ -42,7 +42,11 @@ func synthetic() resilientpg.Stats {
 		PingTime: 2500 * time.Millisecond, PingTimeMax: 250 * time.Millisecond,
 		Gate: resilientpg.GateStats{State: resilientpg.ServerSuspect, Outages: 107, Downtime: 3 * time.Second,
 			Probes: 108, Waited: 109, FailedFast: 110},
-		CheckedOut: 111, OldestCheckout: 4 * time.Second, LeaksSuspected: 112, LeaksReturned: 113, PoolExhausted: 114}
+		CheckedOut: 111, OldestCheckout: 4 * time.Second, LeaksSuspected: 112, LeaksReturned: 113, PoolExhausted: 114,
+		TxAttempts: 115, TxCommitUnknown: 116, TxRefused: 117}
+	for i := range s.TxRetries {
+		s.TxRetries[i] = int64(800 + i)
+	}
 	for i := range s.ConnectFailures {
 		s.ConnectFailures[i], s.StatementFailures[i] = int64(200+i), int64(500+i)
 	}
@@ -72,6 +76,10 @@ func TestCollectorMapsEveryField(t *testing.T) {
 		"resilientpg_checked_out": 111, "resilientpg_oldest_checkout_seconds": 4,
 		"resilientpg_leaks_suspected_total": 112, "resilientpg_leaks_returned_total": 113,
 		"resilientpg_pool_exhausted_total": 114,
+		"resilientpg_tx_attempts_total":    115, "resilientpg_tx_commit_unknown_total": 116, "resilientpg_tx_refused_total": 117,
+	}
+	for i, l := range []string{"serialization", "deadlock", "conn_lost", "unique", "extra"} {
+		want[`resilientpg_tx_retries_total{cause="`+l+`"}`] = float64(800 + i)
 	}
 	for i, l := range classLabels {
 		want[`resilientpg_connect_failures_total{class="`+l+`"}`] = float64(201 + i)

@@ -95,6 +95,22 @@ var definitions = []definition{
 		func(s *resilientpg.Stats) float64 { return float64(s.LeaksReturned) }),
 	counter("resilientpg_pool_exhausted_total", "Times every connection was in use for over a second while callers waited, reported at most once a minute while it lasts.",
 		func(s *resilientpg.Stats) float64 { return float64(s.PoolExhausted) }),
+
+	counter("resilientpg_tx_attempts_total", "Transaction attempts RunTx began.",
+		func(s *resilientpg.Stats) float64 { return float64(s.TxAttempts) }),
+	{
+		name: "resilientpg_tx_retries_total", help: "Transactions RunTx ran again, by cause.",
+		label: "cause", typ: prometheus.CounterValue,
+		emit: func(s *resilientpg.Stats, add func(float64, ...string)) {
+			for i, n := range s.TxRetries {
+				add(float64(n), resilientpg.TxRetryCause(i).String())
+			}
+		},
+	},
+	counter("resilientpg_tx_commit_unknown_total", "Commits whose connection was lost while COMMIT was in flight (ErrCommitUnknown).",
+		func(s *resilientpg.Stats) float64 { return float64(s.TxCommitUnknown) }),
+	counter("resilientpg_tx_refused_total", "Statements and Commits the transaction guard refused (ErrTxAborted) without sending them.",
+		func(s *resilientpg.Stats) float64 { return float64(s.TxRefused) }),
 }
 
 func seconds(d time.Duration) float64 { return d.Seconds() }
