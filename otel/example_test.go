@@ -9,6 +9,7 @@ import (
 	"go.opentelemetry.io/otel/sdk/metric/metricdata"
 
 	"github.com/resilientpg/resilientpg"
+	"github.com/resilientpg/resilientpg/internal/killtest"
 	resilientotel "github.com/resilientpg/resilientpg/otel"
 )
 
@@ -17,7 +18,7 @@ import (
 func Example() {
 	// In a service: db, err := resilientpg.Open("resilientpg", dsn).
 	// Here an in-memory driver stands in for the database.
-	db, err := resilientpg.OpenDB(&fakeConnector{}, resilientpg.DefaultOptions())
+	db, err := resilientpg.OpenDB(&killtest.FakeConnector{}, resilientpg.DefaultOptions())
 	if err != nil {
 		panic(err)
 	}

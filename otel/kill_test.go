@@ -6,6 +6,7 @@ import (
 	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
 
 	"github.com/resilientpg/resilientpg"
+	"github.com/resilientpg/resilientpg/internal/killtest"
 	resilientotel "github.com/resilientpg/resilientpg/otel"
 )
 
@@ -15,13 +16,13 @@ import (
 func TestKilledSessionsReachTheReader(t *testing.T) {
 	for _, e := range []struct {
 		name   string
-		target func(*testing.T) target
+		target func(*testing.T) killtest.Target
 	}{
-		{"postgres", postgres},
-		{"mariadb", mariadb},
+		{"postgres", killtest.Postgres},
+		{"mariadb", killtest.MariaDB},
 	} {
 		t.Run(e.name, func(t *testing.T) {
-			db := killScenario(t, e.target(t))
+			db := killtest.Scenario(t, e.target(t))
 			reader := sdkmetric.NewManualReader()
 			if _, err := resilientotel.Register(db, e.name, sdkmetric.NewMeterProvider(sdkmetric.WithReader(reader))); err != nil {
 				t.Fatal(err)
@@ -32,7 +33,7 @@ func TestKilledSessionsReachTheReader(t *testing.T) {
 				t.Fatal("StatsOf: not a resilientpg pool")
 			}
 			t.Logf("Stats after the kill: Discards %v, Invalidations %v, Gate %+v; all: %+v", s.Discards, s.Invalidations, s.Gate, s)
-			checkDiscards(t, s)
+			killtest.CheckDiscards(t, s)
 
 			var sum float64
 			for i := range s.Discards {
@@ -43,8 +44,8 @@ func TestKilledSessionsReachTheReader(t *testing.T) {
 					t.Errorf("resilientpg.discards{reason=%s} = %v, Stats says %d", r, v, s.Discards[r])
 				}
 			}
-			if sum != poolSize {
-				t.Errorf("resilientpg.discards summed over reasons = %v, want %d", sum, poolSize)
+			if sum != killtest.PoolSize {
+				t.Errorf("resilientpg.discards summed over reasons = %v, want %d", sum, killtest.PoolSize)
 			}
 			for i := range s.Invalidations {
 				c := resilientpg.InvalidationCause(i)
@@ -52,23 +53,9 @@ func TestKilledSessionsReachTheReader(t *testing.T) {
 					t.Errorf("resilientpg.invalidations{cause=%s} = %v, Stats says %d", c, v, s.Invalidations[c])
 				}
 			}
-			if idle := got["db.client.connection.count{db.client.connection.state=idle}"]; idle != poolSize {
-				t.Errorf("idle connections after the burst = %v, want %d", idle, poolSize)
+			if idle := got["db.client.connection.count{db.client.connection.state=idle}"]; idle != killtest.PoolSize {
+				t.Errorf("idle connections after the burst = %v, want %d", idle, killtest.PoolSize)
 			}
 		})
-	}
-}
-
-// checkDiscards asserts the wrapper's exact account of the kill: the first
-// checkout finds every idle session ended at once and retires the pool
-// (one invalidation, cause shutdown), so each of the poolSize connections
-// is discarded once, as invalidated.
-func checkDiscards(t *testing.T, s resilientpg.Stats) {
-	t.Helper()
-	if s.Discards[resilientpg.DiscardInvalidated] != poolSize || s.Discards.Total() != poolSize {
-		t.Errorf("Stats.Discards = %v, want exactly %d, all invalidated", s.Discards, poolSize)
-	}
-	if s.Invalidations[resilientpg.InvalidShutdown] != 1 || s.Invalidations.Total() != 1 {
-		t.Errorf("Stats.Invalidations = %v, want exactly one, cause shutdown", s.Invalidations)
 	}
 }

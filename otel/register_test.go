@@ -7,7 +7,6 @@ import (
 	"slices"
 	"strings"
 	"testing"
-	"time"
 
 	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/attribute"
@@ -15,6 +14,7 @@ import (
 	"go.opentelemetry.io/otel/sdk/metric/metricdata"
 
 	"github.com/resilientpg/resilientpg"
+	"github.com/resilientpg/resilientpg/internal/killtest"
 	resilientotel "github.com/resilientpg/resilientpg/otel"
 )
 
@@ -29,34 +29,6 @@ var (
 	retriedLabels    = []string{"not_sent", "read_only", "idempotent"}
 	causeLabels      = []string{"crash", "restart", "read_only", "shutdown"}
 )
-
-// synthetic gives every field of Stats a value of its own, so that an
-// instrument reading the wrong field cannot pass.
-func synthetic() resilientpg.Stats {
-	s := resilientpg.Stats{ConnsOpened: 101, ConnsOpen: 102, ConnectAttempts: 103,
-		ConnectTime: 1500 * time.Millisecond, Checkouts: 104, Pings: 105, PingFailures: 106,
-		PingTime: 2500 * time.Millisecond, PingTimeMax: 250 * time.Millisecond,
-		Gate: resilientpg.GateStats{State: resilientpg.ServerSuspect, Outages: 107, Downtime: 3 * time.Second,
-			Probes: 108, Waited: 109, FailedFast: 110},
-		CheckedOut: 111, OldestCheckout: 4 * time.Second, LeaksSuspected: 112, LeaksReturned: 113, PoolExhausted: 114,
-		TxAttempts: 115, TxCommitUnknown: 116, TxRefused: 117}
-	for i := range s.TxRetries {
-		s.TxRetries[i] = int64(800 + i)
-	}
-	for i := range s.ConnectFailures {
-		s.ConnectFailures[i], s.StatementFailures[i] = int64(200+i), int64(500+i)
-	}
-	for i := range s.Discards {
-		s.Discards[i], s.ReturnsRejected[i] = int64(300+i), int64(400+i)
-	}
-	for i := range s.Retries {
-		s.Retries[i] = int64(600 + i)
-	}
-	for i := range s.Invalidations {
-		s.Invalidations[i] = int64(700 + i)
-	}
-	return s
-}
 
 // kinds is every instrument with its kind and unit.
 var kinds = map[string]string{
@@ -80,13 +52,13 @@ var kinds = map[string]string{
 }
 
 func TestRegisterMapsEveryField(t *testing.T) {
-	db := sql.OpenDB(&fakeConnector{})
+	db := sql.OpenDB(&killtest.FakeConnector{})
 	defer db.Close()
 	db.SetMaxOpenConns(7)
 	query(t, db)
 	reader := sdkmetric.NewManualReader()
 	mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(reader))
-	if _, err := resilientotel.RegisterFrom(db, "orders", mp, func() (resilientpg.Stats, bool) { return synthetic(), true }); err != nil {
+	if _, err := resilientotel.RegisterFrom(db, "orders", mp, func() (resilientpg.Stats, bool) { return killtest.Synthetic(), true }); err != nil {
 		t.Fatal(err)
 	}
 	want := map[string]float64{
@@ -136,14 +108,14 @@ func TestRegisterMapsEveryField(t *testing.T) {
 }
 
 func TestRegisterOverTheWrapper(t *testing.T) {
-	fc := &fakeConnector{}
+	fc := &killtest.FakeConnector{}
 	db, err := resilientpg.OpenDB(fc, resilientpg.DefaultOptions())
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer db.Close()
 	query(t, db)
-	fc.last.Load().failReset.Store(true) // the next checkout refuses it
+	fc.FailNextReset() // the next checkout refuses it
 	query(t, db)
 
 	reader := sdkmetric.NewManualReader()
@@ -178,7 +150,7 @@ func TestRegisterOverTheWrapper(t *testing.T) {
 }
 
 func TestRegisterPlainDB(t *testing.T) {
-	db := sql.OpenDB(&fakeConnector{})
+	db := sql.OpenDB(&killtest.FakeConnector{})
 	defer db.Close()
 	query(t, db)
 	reader := sdkmetric.NewManualReader()

@@ -7,7 +7,6 @@ import (
 	"slices"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -15,6 +14,7 @@ import (
 	dto "github.com/prometheus/client_model/go"
 
 	"github.com/resilientpg/resilientpg"
+	"github.com/resilientpg/resilientpg/internal/killtest"
 	resilientprom "github.com/resilientpg/resilientpg/prometheus"
 )
 
@@ -34,36 +34,8 @@ var (
 
 const numFamilies = 31
 
-// synthetic gives every field of Stats a value of its own, so that a
-// metric reading the wrong field cannot pass.
-func synthetic() resilientpg.Stats {
-	s := resilientpg.Stats{ConnsOpened: 101, ConnsOpen: 102, ConnectAttempts: 103,
-		ConnectTime: 1500 * time.Millisecond, Checkouts: 104, Pings: 105, PingFailures: 106,
-		PingTime: 2500 * time.Millisecond, PingTimeMax: 250 * time.Millisecond,
-		Gate: resilientpg.GateStats{State: resilientpg.ServerSuspect, Outages: 107, Downtime: 3 * time.Second,
-			Probes: 108, Waited: 109, FailedFast: 110},
-		CheckedOut: 111, OldestCheckout: 4 * time.Second, LeaksSuspected: 112, LeaksReturned: 113, PoolExhausted: 114,
-		TxAttempts: 115, TxCommitUnknown: 116, TxRefused: 117}
-	for i := range s.TxRetries {
-		s.TxRetries[i] = int64(800 + i)
-	}
-	for i := range s.ConnectFailures {
-		s.ConnectFailures[i], s.StatementFailures[i] = int64(200+i), int64(500+i)
-	}
-	for i := range s.Discards {
-		s.Discards[i], s.ReturnsRejected[i] = int64(300+i), int64(400+i)
-	}
-	for i := range s.Retries {
-		s.Retries[i] = int64(600 + i)
-	}
-	for i := range s.Invalidations {
-		s.Invalidations[i] = int64(700 + i)
-	}
-	return s
-}
-
 func TestCollectorMapsEveryField(t *testing.T) {
-	c := resilientprom.NewCollectorFrom(func() (resilientpg.Stats, bool) { return synthetic(), true }, "orders")
+	c := resilientprom.NewCollectorFrom(func() (resilientpg.Stats, bool) { return killtest.Synthetic(), true }, "orders")
 	want := map[string]float64{
 		"resilientpg_conns_opened_total": 101, "resilientpg_conns_open": 102,
 		"resilientpg_connect_attempts_total": 103, "resilientpg_connect_seconds_total": 1.5,
@@ -119,14 +91,14 @@ func TestCollectorMapsEveryField(t *testing.T) {
 // next to client_golang's database/sql collector in a pedantic registry,
 // which checks that what is collected matches what is described.
 func TestCollectorBesideDBStats(t *testing.T) {
-	fc := &fakeConnector{}
+	fc := &killtest.FakeConnector{}
 	db, err := resilientpg.OpenDB(fc, resilientpg.DefaultOptions())
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer db.Close()
 	query(t, db)
-	fc.last.Load().failReset.Store(true) // the next checkout refuses it
+	fc.FailNextReset() // the next checkout refuses it
 	query(t, db)
 
 	reg := prometheus.NewPedanticRegistry()
@@ -159,7 +131,7 @@ func TestCollectorBesideDBStats(t *testing.T) {
 }
 
 func TestCollectorOfPlainDB(t *testing.T) {
-	db := sql.OpenDB(&fakeConnector{})
+	db := sql.OpenDB(&killtest.FakeConnector{})
 	defer db.Close()
 	query(t, db)
 	c := resilientprom.NewCollector(db, "plain")
@@ -182,7 +154,7 @@ func TestCollectorOfPlainDB(t *testing.T) {
 // TestCollectorPerPool: pools tell apart by db_name; the same name twice
 // is refused, as it is for the DBStats collector.
 func TestCollectorPerPool(t *testing.T) {
-	db, err := resilientpg.OpenDB(&fakeConnector{}, resilientpg.DefaultOptions())
+	db, err := resilientpg.OpenDB(&killtest.FakeConnector{}, resilientpg.DefaultOptions())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -10,6 +10,7 @@ import (
 	"github.com/prometheus/common/expfmt"
 
 	"github.com/resilientpg/resilientpg"
+	"github.com/resilientpg/resilientpg/internal/killtest"
 	resilientprom "github.com/resilientpg/resilientpg/prometheus"
 )
 
@@ -19,7 +20,7 @@ import (
 func Example() {
 	// In a service: db, err := resilientpg.Open("resilientpg", dsn).
 	// Here an in-memory driver stands in for the database.
-	db, err := resilientpg.OpenDB(&fakeConnector{}, resilientpg.DefaultOptions())
+	db, err := resilientpg.OpenDB(&killtest.FakeConnector{}, resilientpg.DefaultOptions())
 	if err != nil {
 		panic(err)
 	}
@@ -66,5 +67,5 @@ func Example() {
 	// resilientpg_server_state{db_name="orders",state="down"} 0
 	// resilientpg_server_state{db_name="orders",state="suspect"} 0
 	// resilientpg_server_state{db_name="orders",state="up"} 1
-	// 27 resilientpg metrics
+	// 31 resilientpg metrics
 }

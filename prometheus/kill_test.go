@@ -6,6 +6,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/resilientpg/resilientpg"
+	"github.com/resilientpg/resilientpg/internal/killtest"
 	resilientprom "github.com/resilientpg/resilientpg/prometheus"
 )
 
@@ -15,13 +16,13 @@ import (
 func TestKilledSessionsReachTheCollector(t *testing.T) {
 	for _, e := range []struct {
 		name   string
-		target func(*testing.T) target
+		target func(*testing.T) killtest.Target
 	}{
-		{"postgres", postgres},
-		{"mariadb", mariadb},
+		{"postgres", killtest.Postgres},
+		{"mariadb", killtest.MariaDB},
 	} {
 		t.Run(e.name, func(t *testing.T) {
-			db := killScenario(t, e.target(t))
+			db := killtest.Scenario(t, e.target(t))
 			reg := prometheus.NewPedanticRegistry()
 			reg.MustRegister(resilientprom.NewCollector(db, e.name))
 			got := gather(t, reg, e.name)
@@ -30,7 +31,7 @@ func TestKilledSessionsReachTheCollector(t *testing.T) {
 				t.Fatal("StatsOf: not a resilientpg pool")
 			}
 			t.Logf("Stats after the kill: Discards %v, Invalidations %v, Gate %+v; all: %+v", s.Discards, s.Invalidations, s.Gate, s)
-			checkDiscards(t, s)
+			killtest.CheckDiscards(t, s)
 
 			var sum float64
 			for i := range s.Discards {
@@ -41,8 +42,8 @@ func TestKilledSessionsReachTheCollector(t *testing.T) {
 					t.Errorf("resilientpg_discards_total{reason=%q} = %v, Stats says %d", r, v, s.Discards[r])
 				}
 			}
-			if sum != poolSize {
-				t.Errorf("resilientpg_discards_total summed over reasons = %v, want %d", sum, poolSize)
+			if sum != killtest.PoolSize {
+				t.Errorf("resilientpg_discards_total summed over reasons = %v, want %d", sum, killtest.PoolSize)
 			}
 			for i := range s.Invalidations {
 				c := resilientpg.InvalidationCause(i)
@@ -51,19 +52,5 @@ func TestKilledSessionsReachTheCollector(t *testing.T) {
 				}
 			}
 		})
-	}
-}
-
-// checkDiscards asserts the wrapper's exact account of the kill: the first
-// checkout finds every idle session ended at once and retires the pool
-// (one invalidation, cause shutdown), so each of the poolSize connections
-// is discarded once, as invalidated.
-func checkDiscards(t *testing.T, s resilientpg.Stats) {
-	t.Helper()
-	if s.Discards[resilientpg.DiscardInvalidated] != poolSize || s.Discards.Total() != poolSize {
-		t.Errorf("Stats.Discards = %v, want exactly %d, all invalidated", s.Discards, poolSize)
-	}
-	if s.Invalidations[resilientpg.InvalidShutdown] != 1 || s.Invalidations.Total() != 1 {
-		t.Errorf("Stats.Invalidations = %v, want exactly one, cause shutdown", s.Invalidations)
 	}
 }

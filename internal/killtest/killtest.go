@@ -1,8 +1,8 @@
-package resilientotel_test
-
-// The real-server scenario, the same as the prometheus module's copy:
+// Package killtest is the real-server scenario the exporter modules share:
 // throwaway PostgreSQL and MariaDB servers (or the ones the environment
-// names), a pool of 10 whose every session is killed from the server side.
+// names), and a pool of 10 whose every session is killed from the server
+// side, so that the wrapper's counters have known values to read back.
+package killtest
 
 import (
 	"context"
@@ -26,7 +26,8 @@ import (
 const (
 	envPostgresDSN = "RESILIENTPG_TEST_POSTGRES_DSN"
 	envMySQLDSN    = "RESILIENTPG_TEST_MYSQL_DSN"
-	poolSize       = 10
+	// PoolSize is the scenario's pool size, and so its number of discards.
+	PoolSize = 10
 )
 
 // servers are started once per test binary, on first use.
@@ -38,7 +39,9 @@ var servers struct {
 	pgErr, myErr   error
 }
 
-func TestMain(m *testing.M) {
+// Main is the test binary's TestMain: it runs the tests, then removes the
+// servers it started.
+func Main(m *testing.M) {
 	// go-sql-driver/mysql logs each dead connection it drops at checkout;
 	// the kill test drops ten on purpose.
 	_ = mysql.SetLogger(log.New(io.Discard, "", 0))
@@ -52,21 +55,21 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-// target is a server under test and how to end the sessions of one pool.
-type target struct {
-	driver  string // resilientpg or resilientmysql
-	dsn     string
+// Target is a server under test and how to end the sessions of one pool.
+type Target struct {
+	Driver  string // resilientpg or resilientmysql
+	DSN     string
 	idQuery string // the session's id on the server
 	// kill ends the sessions ids (all of them the test's own) and returns
 	// once the server no longer has them.
 	kill func(ctx context.Context, t *testing.T, ids []int64)
 }
 
-// postgres returns the PostgreSQL target. On the throwaway server every
+// Postgres returns the PostgreSQL target. On the throwaway server every
 // client session is the test's, so faultlab's KillSessions ends them all;
 // on a server the environment names only sessions with both a recorded pid
 // and the pool's own application_name are ended.
-func postgres(t *testing.T) target {
+func Postgres(t *testing.T) Target {
 	servers.pgOnce.Do(func() {
 		if servers.pgDSN = os.Getenv(envPostgresDSN); servers.pgDSN != "" {
 			return
@@ -78,7 +81,7 @@ func postgres(t *testing.T) target {
 		}
 	})
 	require(t, "PostgreSQL", envPostgresDSN, "resilientpg", servers.pgDSN, servers.pgErr)
-	app := fmt.Sprintf("resilientotel_test_%d_%d", os.Getpid(), time.Now().UnixNano())
+	app := fmt.Sprintf("resilientpg_killtest_%d_%d", os.Getpid(), time.Now().UnixNano())
 	sep := " "
 	if strings.Contains(servers.pgDSN, "://") {
 		sep = "?"
@@ -86,7 +89,7 @@ func postgres(t *testing.T) target {
 			sep = "&"
 		}
 	}
-	tg := target{driver: "resilientpg", dsn: servers.pgDSN + sep + "application_name=" + app, idQuery: "SELECT pg_backend_pid()"}
+	tg := Target{Driver: "resilientpg", DSN: servers.pgDSN + sep + "application_name=" + app, idQuery: "SELECT pg_backend_pid()"}
 	tg.kill = func(ctx context.Context, t *testing.T, ids []int64) {
 		if servers.pg != nil {
 			n, err := servers.pg.KillSessions(ctx)
@@ -106,10 +109,10 @@ func postgres(t *testing.T) target {
 	return tg
 }
 
-// mariadb returns the MariaDB/MySQL target; with a server the environment
+// MariaDB returns the MariaDB/MySQL target; with a server the environment
 // names, it kills the recorded connection ids only (the server never
 // reuses one).
-func mariadb(t *testing.T) target {
+func MariaDB(t *testing.T) Target {
 	servers.myOnce.Do(func() {
 		if servers.myDSN = os.Getenv(envMySQLDSN); servers.myDSN != "" {
 			return
@@ -121,7 +124,7 @@ func mariadb(t *testing.T) target {
 		}
 	})
 	require(t, "MariaDB/MySQL", envMySQLDSN, "resilientmysql", servers.myDSN, servers.myErr)
-	tg := target{driver: "resilientmysql", dsn: servers.myDSN, idQuery: "SELECT CONNECTION_ID()"}
+	tg := Target{Driver: "resilientmysql", DSN: servers.myDSN, idQuery: "SELECT CONNECTION_ID()"}
 	tg.kill = func(ctx context.Context, t *testing.T, ids []int64) {
 		if servers.my != nil {
 			n, err := servers.my.KillSessions(ctx)
@@ -190,28 +193,28 @@ func admin(t *testing.T, driverName, dsn string) *sql.DB {
 	return db
 }
 
-// killScenario opens a pool of 10 on tg, fills it, kills every pooled
+// Scenario opens a pool of 10 on tg, fills it, kills every pooled
 // session from the server side, and after 100 ms checks 10 connections out
 // at once again with one query each. Holding all 10 until every query has
 // answered makes database/sql take each dead connection from the pool
 // before it hands out a new one, so each is discarded exactly once. It
 // returns the pool, closed at cleanup.
-func killScenario(t *testing.T, tg target) *sql.DB {
+func Scenario(t *testing.T, tg Target) *sql.DB {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	db, err := resilientpg.Open(tg.driver, tg.dsn)
+	db, err := resilientpg.Open(tg.Driver, tg.DSN)
 	if err != nil {
 		t.Fatalf("Open: %v", err)
 	}
 	t.Cleanup(func() { db.Close() })
-	db.SetMaxOpenConns(poolSize)
-	db.SetMaxIdleConns(poolSize)
+	db.SetMaxOpenConns(PoolSize)
+	db.SetMaxIdleConns(PoolSize)
 
 	killed, errs := holdAll(ctx, db, tg.idQuery)
-	if len(errs) != 0 || len(killed) != poolSize {
-		t.Fatalf("filling the pool: %d distinct sessions, errors %v; want %d, none", len(killed), errs, poolSize)
+	if len(errs) != 0 || len(killed) != PoolSize {
+		t.Fatalf("filling the pool: %d distinct sessions, errors %v; want %d, none", len(killed), errs, PoolSize)
 	}
-	ids := make([]int64, 0, poolSize)
+	ids := make([]int64, 0, PoolSize)
 	for id := range killed {
 		ids = append(ids, id)
 	}
@@ -222,7 +225,7 @@ func killScenario(t *testing.T, tg target) *sql.DB {
 
 	again, errs := holdAll(ctx, db, tg.idQuery)
 	if len(errs) != 0 {
-		t.Errorf("%d of %d queries after the kill failed, want 0: %v", len(errs), poolSize, errs)
+		t.Errorf("%d of %d queries after the kill failed, want 0: %v", len(errs), PoolSize, errs)
 	}
 	for id := range again {
 		if killed[id] {
@@ -232,7 +235,7 @@ func killScenario(t *testing.T, tg target) *sql.DB {
 	return db
 }
 
-// holdAll checks out poolSize connections concurrently, runs idQuery on
+// holdAll checks out PoolSize connections concurrently, runs idQuery on
 // each, and returns them once all have answered: the session ids seen and
 // the errors.
 func holdAll(ctx context.Context, db *sql.DB, idQuery string) (map[int64]bool, []error) {
@@ -244,8 +247,8 @@ func holdAll(ctx context.Context, db *sql.DB, idQuery string) (map[int64]bool, [
 		done = make(chan struct{})
 		out  sync.WaitGroup
 	)
-	all.Add(poolSize)
-	for range poolSize {
+	all.Add(PoolSize)
+	for range PoolSize {
 		out.Go(func() {
 			var id int64
 			c, err := db.Conn(ctx)
@@ -276,4 +279,18 @@ func joinIDs(ids []int64) string {
 		s[i] = fmt.Sprint(id)
 	}
 	return strings.Join(s, ",")
+}
+
+// CheckDiscards asserts the wrapper's exact account of Scenario: the first
+// checkout finds every idle session ended at once and retires the pool (one
+// invalidation, cause shutdown), so each of the PoolSize connections is
+// discarded once, as invalidated.
+func CheckDiscards(t *testing.T, s resilientpg.Stats) {
+	t.Helper()
+	if s.Discards[resilientpg.DiscardInvalidated] != PoolSize || s.Discards.Total() != PoolSize {
+		t.Errorf("Stats.Discards = %v, want exactly %d, all invalidated", s.Discards, PoolSize)
+	}
+	if s.Invalidations[resilientpg.InvalidShutdown] != 1 || s.Invalidations.Total() != 1 {
+		t.Errorf("Stats.Invalidations = %v, want exactly one, cause shutdown", s.Invalidations)
+	}
 }

@@ -1,4 +1,4 @@
-package resilientprom_test
+package killtest
 
 import (
 	"context"
@@ -7,25 +7,30 @@ import (
 	"sync/atomic"
 )
 
-// fakeConnector makes in-memory connections that answer every query with
-// one row holding 1. A connection whose failReset is set refuses its next
-// checkout the way a driver does when its socket check finds the server
-// gone, so a test can cause exactly one driver_reset discard.
-type fakeConnector struct {
+// FakeConnector makes in-memory connections that answer every query with
+// one row holding 1, for the exporters' unit tests.
+type FakeConnector struct {
 	opened atomic.Int64
 	last   atomic.Pointer[fakeConn]
 }
 
-func (f *fakeConnector) Connect(context.Context) (driver.Conn, error) {
+// Connect makes a connection.
+func (f *FakeConnector) Connect(context.Context) (driver.Conn, error) {
 	f.opened.Add(1)
 	c := &fakeConn{}
 	f.last.Store(c)
 	return c, nil
 }
 
-func (f *fakeConnector) Driver() driver.Driver { return fakeDriver{f} }
+// Driver returns a driver over f.
+func (f *FakeConnector) Driver() driver.Driver { return fakeDriver{f} }
 
-type fakeDriver struct{ f *fakeConnector }
+// FailNextReset makes the newest connection refuse its next checkout the
+// way a driver does when its socket check finds the server gone, so a test
+// can cause exactly one driver_reset discard.
+func (f *FakeConnector) FailNextReset() { f.last.Load().failReset.Store(true) }
+
+type fakeDriver struct{ f *FakeConnector }
 
 func (d fakeDriver) Open(string) (driver.Conn, error) { return d.f.Connect(context.Background()) }
 
