@@ -41,6 +41,14 @@ type tracker struct {
 	epoch time.Time
 	mu    sync.Mutex
 	conns map[*conn]struct{}
+
+	// wave is when the current wave of connections found dead began, for
+	// everySessionEnded.
+	wave struct {
+		mu  sync.Mutex
+		gen uint64
+		at  time.Time
+	}
 }
 
 func (t *tracker) add(c *conn) {

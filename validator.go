@@ -234,7 +234,7 @@ func (c *Connector) everySessionEnded(dead *conn, now time.Time) bool {
 	if retired() {
 		return true
 	}
-	wave := c.deadWave(now)
+	wave := c.deadWave(dead.gen, now)
 	ended := 0
 	c.track.mu.Lock()
 	defer c.track.mu.Unlock()
@@ -257,15 +257,15 @@ func (c *Connector) everySessionEnded(dead *conn, now time.Time) bool {
 }
 
 // deadWave returns when the current wave of connections found dead at
-// checkout began: the first such find, unless that was over a second ago.
-func (c *Connector) deadWave(now time.Time) time.Time {
-	for {
-		old := c.lostWave.Load()
-		if old != 0 && now.UnixNano()-old < int64(time.Second) {
-			return time.Unix(0, old)
-		}
-		if c.lostWave.CompareAndSwap(old, now.UnixNano()) {
-			return now
-		}
+// checkout began: the first such find in dead's generation, unless that
+// was over a second ago. A wave ends with its generation, so a pool retired
+// by one event starts afresh at the next.
+func (c *Connector) deadWave(gen uint64, now time.Time) time.Time {
+	w := &c.track.wave
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.at.IsZero() || w.gen != gen || now.Sub(w.at) >= time.Second {
+		w.gen, w.at = gen, now
 	}
+	return w.at
 }
