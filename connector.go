@@ -34,16 +34,16 @@ type Connector struct {
 	captureSock    bool   // the inner driver's dial hook hands its socket back (mysql)
 	plaintext      bool   // with captureSock: the socket carries no TLS
 	db             *sql.DB
+	creds          *credSource // Options.Credentials or the files; nil: the DSN's own (and, for pgx, its environment)
 
 	gen  atomic.Uint64 // bumped by invalidate; a conn of an older one is discarded
 	gate *dialGate     // shared with the inner connector's dial hook, if it has one
 
-	stats    counters
-	ev       events
-	track    tracker
-	mon      monitor
-	connID   atomic.Int64 // the last connection id handed out
-	lostWave atomic.Int64 // UnixNano: when the current wave of dead connections began (everySessionEnded)
+	stats  counters
+	ev     events
+	track  tracker
+	mon    monitor
+	connID atomic.Int64 // the last connection id handed out
 }
 
 var _ driver.Connector = (*Connector)(nil)
@@ -66,11 +66,20 @@ func (c *Connector) init(inner driver.Connector, d *Driver) {
 	c.track.epoch = time.Now()
 }
 
-// wrap wraps a new inner connection; its max age is drawn here. sock is
-// its socket when the driver hides it, else nil.
-func (c *Connector) wrap(inner driver.Conn, sock net.Conn) *conn {
-	w := newConn(c, inner, time.Now())
-	if sock != nil && w.sock == nil {
+// dialed is what a dial learnt besides the connection.
+type dialed struct {
+	sock    net.Conn  // the socket, when the driver hides it; else nil
+	expires time.Time // when the credentials it logged in with expire; zero: never
+}
+
+// wrap wraps a new inner connection; its max age is drawn here, and ends
+// no later than its credentials' Expires, so that a pool on short-lived
+// tokens rolls over to new ones as they are issued.
+func (c *Connector) wrap(inner driver.Conn, d dialed) *conn {
+	now := time.Now()
+	w := newConn(c, inner, now)
+	w.life = w.life.capAt(now, d.expires, c.opts.MaxAgeJitter)
+	if sock := d.sock; sock != nil && w.sock == nil {
 		w.sock = newSockCheck(sock)
 		if w.sock != nil {
 			w.sock.plaintext, w.sock.mysql = c.plaintext, true
@@ -212,12 +221,25 @@ func newConnector(inner any, opts Options, dsns []string, poolSizing bool) (*Con
 	return nil, fmt.Errorf("resilientpg: NewConnector: inner is a %T, want a driver.Connector or a driver.Driver", inner)
 }
 
-// checkOptions validates Options given in code.
+// checkOptions validates Options given in code for a connector the
+// wrapper did not build itself, which has no per-connect hook to put
+// credentials in.
 func checkOptions(o *Options, poolSizing bool) error {
-	if *o == (Options{}) {
+	if reflect.ValueOf(*o).IsZero() {
 		return errors.New("resilientpg: Options{} is not a valid configuration: start from DefaultOptions()")
 	}
-	return claimKeys(nil, o, poolSizing)
+	if err := claimKeys(nil, o, poolSizing); err != nil {
+		return err
+	}
+	if o.hasCredentials() {
+		key, v := keyPasswordFile, o.PasswordFile
+		if o.Credentials != nil {
+			key, v = "Options.Credentials", "set"
+		}
+		return &ConfigError{Key: key, Value: v,
+			Allowed: "credentials only with the resilientpg and resilientmysql drivers (a pgx or go-sql-driver/mysql DSN), whose connect hooks the wrapper sets"}
+	}
+	return nil
 }
 
 // pgConnector builds the pgx connector. Exactly one layer pings: the
@@ -246,7 +268,9 @@ func pgConnector(c *Connector, dsn string, poolSizing bool) (driver.Connector, e
 		return dial(ctx, network, addr)
 	}
 	c.writable = writableTarget(cfg)
-	return stdlib.GetConnector(*cfg, stdlib.OptionShouldPing(neverPing)), nil
+	c.creds = newCredSource(&c.opts)
+	return stdlib.GetConnector(*cfg, stdlib.OptionShouldPing(neverPing),
+		stdlib.OptionBeforeConnect(pgBeforeConnect(c, dsn))), nil
 }
 
 // errSideDialSkipped is what pgx's cancel request gets while the server is
@@ -314,6 +338,11 @@ func mysqlConnector(c *Connector, dsn string, poolSizing bool) (driver.Connector
 	}
 	c.captureSock = cfg.DialFunc != nil
 	c.plaintext = cfg.TLS == nil
+	if c.creds = newCredSource(&c.opts); c.creds != nil {
+		if err := cfg.Apply(mysql.BeforeConnect(mysqlBeforeConnect(c))); err != nil {
+			return nil, err
+		}
+	}
 	return mysql.NewConnector(cfg)
 }
 

@@ -77,9 +77,14 @@ func (c *Connector) Connect(ctx context.Context) (driver.Conn, error) {
 		if g.state == gateOpen {
 			g.mu.Unlock()
 			attempts++
-			inner, sock, err := c.dial(ctx)
+			inner, d, err := c.dial(ctx)
 			if err == nil {
-				return c.wrap(inner, sock), nil
+				return c.wrap(inner, d), nil
+			}
+			if isCredentialErr(err) {
+				// Nothing reached the server: whatever the function's error
+				// wraps (a secret store's refusal, say), the gate stays open.
+				return nil, err
 			}
 			if !retryableConnect(err) || ctx.Err() != nil {
 				return nil, connectErr(err)
@@ -126,17 +131,17 @@ func (c *Connector) Connect(ctx context.Context) (driver.Conn, error) {
 
 		err := sleepCtx(ctx, wait)
 		var inner driver.Conn
-		var sock net.Conn
-		dialed := err == nil
-		if dialed {
+		var d dialed
+		probed := err == nil
+		if probed {
 			attempts++
 			c.stats.probes.Add(1)
-			inner, sock, err = c.dial(ctx)
+			inner, d, err = c.dial(ctx)
 		}
 		g.mu.Lock()
 		g.probe = nil
 		close(ch)
-		if dialed {
+		if probed {
 			g.outProbes++
 		}
 		switch {
@@ -148,7 +153,12 @@ func (c *Connector) Connect(ctx context.Context) (driver.Conn, error) {
 			}
 			g.open()
 			g.mu.Unlock()
-			return c.wrap(inner, sock), nil
+			return c.wrap(inner, d), nil
+		case isCredentialErr(err):
+			// No credentials, so no dial: the probe learnt nothing about the
+			// server, and the gate stays as it was for the next one.
+			g.mu.Unlock()
+			return nil, err
 		case ctx.Err() != nil:
 			g.mu.Unlock()
 			return nil, c.waitErr(ctx, attempts)
@@ -260,25 +270,53 @@ func (g *dialGate) sideDialsBlocked(ctx context.Context) bool {
 	return g.down.Load() || time.Now().UnixNano() < g.suspectUntil.Load()
 }
 
-// dial makes one inner connection. For a driver whose connection hides its
-// socket (go-sql-driver/mysql), the dial hook hands the socket back through
-// ctx, so that checkout can peek at it.
-func (c *Connector) dial(ctx context.Context) (driver.Conn, net.Conn, error) {
+// dial makes one inner connection. With a source of credentials, a
+// connect the server refuses after using credentials that were not
+// fetched for it (a cached token or file, a call already running) is
+// tried once more with fresh ones: they may have been rotated since. The
+// refusal itself is an auth error, which never closes the gate.
+func (c *Connector) dial(ctx context.Context) (driver.Conn, dialed, error) {
+	if c.creds == nil {
+		return c.dialOnce(ctx, nil)
+	}
+	use := &credUse{}
+	ctx = context.WithValue(ctx, credKey{}, use)
+	conn, d, err := c.dialOnce(ctx, use)
+	if err != nil && use.reused && authRefused(err) && ctx.Err() == nil {
+		c.creds.refreshes.Add(1)
+		*use = credUse{stale: use.seq, force: true}
+		conn, d, err = c.dialOnce(ctx, use)
+	}
+	return conn, d, err
+}
+
+// dialOnce makes one connect attempt. For a driver whose connection hides
+// its socket (go-sql-driver/mysql), the dial hook hands the socket back
+// through ctx, so that checkout can peek at it; the credentials hook hands
+// back their expiry through use.
+func (c *Connector) dialOnce(ctx context.Context, use *credUse) (driver.Conn, dialed, error) {
 	c.gate.dials.Add(1)
-	var sock net.Conn
+	var d dialed
 	if c.captureSock {
-		ctx = context.WithValue(ctx, sockKey{}, &sock)
+		ctx = context.WithValue(ctx, sockKey{}, &d.sock)
 	}
 	start := time.Now()
 	conn, err := c.inner.Connect(ctx)
 	c.stats.connectNanos.Add(int64(time.Since(start)))
 	if err != nil {
-		c.stats.connectFailures[Classify(err)].Add(1)
+		class := Classify(err)
+		if isCredentialErr(err) {
+			class = ClassAuth // whatever the function's error wraps: no server was asked
+		}
+		c.stats.connectFailures[class].Add(1)
 		if c.ev.enabled(slog.LevelWarn) {
 			c.ev.emit(evConnectFailed, slog.LevelWarn, "resilientpg: connect failed", errAttrs(err)...)
 		}
 	}
-	return conn, sock, err
+	if use != nil {
+		d.expires = use.expires
+	}
+	return conn, d, err
 }
 
 // sockKey carries a *net.Conn from dial to the inner driver's dial hook.

@@ -94,6 +94,9 @@ func Classify(err error) Class {
 	if err == nil {
 		return ClassNone
 	}
+	if _, ok := asType[*CredentialError](err); ok {
+		return ClassAuth // whatever the credentials function's own error wraps
+	}
 	// The caller's own deadline first: pgconn and mysql report it wrapped in
 	// their own errors, and it says nothing about the server.
 	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
@@ -197,6 +200,22 @@ func serverWide(err error) (InvalidationCause, bool) {
 		return InvalidShutdown, me.Number == 1053 // the server is shutting down
 	}
 	return 0, false
+}
+
+// privilegeRevoked reports whether a statement failed because the
+// session's role lost its rights or was dropped under it: what Vault's
+// default revocation (REVOKE, then DROP ROLE, sessions left open) does to
+// the sessions of an expired lease. PostgreSQL: 42501
+// insufficient_privilege, 42704 "invalid role OID" (current_user of a
+// dropped role); MySQL/MariaDB: 1142 table, 1143 column access denied.
+func privilegeRevoked(err error) bool {
+	if pe, ok := asType[*pgconn.PgError](err); ok {
+		return pe.Code == "42501" || pe.Code == "42704" && strings.HasPrefix(pe.Message, "invalid role OID")
+	}
+	if me, ok := asType[*mysql.MySQLError](err); ok {
+		return me.Number == 1142 || me.Number == 1143
+	}
+	return false
 }
 
 // asPgError returns the SQLSTATE of a PostgreSQL error in err's chain.

@@ -32,6 +32,9 @@ const (
 	keyRejectReadOnly    = "resilient_reject_read_only"
 	keyLog               = "resilient_log"
 	keyLeakThreshold     = "resilient_leak_threshold"
+
+	keyPasswordFile = "resilient_password_file"
+	keyUserFile     = "resilient_user_file"
 )
 
 // dsnKey is one claimable key and how it sets its Options field.
@@ -77,6 +80,8 @@ var dsnKeys = []dsnKey{
 	{keyLog, "off, error, warn, info or debug", enumKey(func(o *Options) *LogLevel { return &o.Log },
 		map[string]LogLevel{"off": LogOff, "error": LogError, "warn": LogWarn, "info": LogInfo, "debug": LogDebug})},
 	{keyLeakThreshold, "a duration >= 0 such as 30s (0 = off)", durationKey(func(o *Options) *time.Duration { return &o.LeakThreshold })},
+	{keyPasswordFile, "an absolute path such as /run/secrets/db/password", pathKey(func(o *Options) *string { return &o.PasswordFile })},
+	{keyUserFile, "an absolute path such as /run/secrets/db/user", pathKey(func(o *Options) *string { return &o.UserFile })},
 }
 
 // errBadValue stands for "not one of the allowed values"; ConfigError.Allowed
@@ -106,6 +111,15 @@ func durationKey(field func(*Options) *time.Duration) func(*Options, string) err
 			return errors.New("negative duration")
 		}
 		*field(o) = d
+		return nil
+	}
+}
+
+// pathKey sets a file path; validate checks that it is absolute, so that
+// Options given in code get the same check.
+func pathKey(field func(*Options) *string) func(*Options, string) error {
+	return func(o *Options, v string) error {
+		*field(o) = v
 		return nil
 	}
 }

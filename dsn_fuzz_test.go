@@ -2,13 +2,17 @@ package resilientpg
 
 import (
 	"maps"
+	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 )
 
 // FuzzDSN checks the claim-and-strip step over all three DSN grammars:
 // it never panics, no resilient_ key survives into the inner driver's
-// config, stripping twice changes nothing, and no error shows the password.
+// config, stripping twice changes nothing, no error shows the password,
+// and the credential file keys are taken only as absolute paths, the user
+// file only with the password file.
 func FuzzDSN(f *testing.F) {
 	for _, q := range []string{
 		"resilient_ping=always", "resilient_max_age=0&resilient_max_age_jitter=2m",
@@ -16,6 +20,9 @@ func FuzzDSN(f *testing.F) {
 		"resilient_pingg=1", "resilient_max_open_conns=3", "sslmode=disable&application_name=x",
 		"resilient_ping_timeout=0", "a=b&resilient_max_idle_time=5m&c=d",
 		"resilient_log=debug&resilient_leak_threshold=30s", "resilient_log=loud", "resilient_leak_threshold=-1s",
+		"resilient_password_file=%2Frun%2Fsecrets%2Fpw", "resilient_password_file=pw",
+		"resilient_user_file=%2Frun%2Fu&resilient_password_file=%2Frun%2Fp", "resilient_user_file=%2Fu",
+		"RESILIENT_PASSWORD_FILE=%2Fp", "resilient_password_file=",
 	} {
 		for form := range 3 {
 			f.Add(uint8(form), "pw5678", q)
@@ -59,12 +66,20 @@ func FuzzDSN(f *testing.F) {
 				t.Fatalf("%q survived into the inner config", k)
 			}
 		}
+		for _, p := range []string{o.PasswordFile, o.UserFile} {
+			if p != "" && !filepath.IsAbs(p) {
+				t.Fatalf("relative credentials path %q accepted", p)
+			}
+		}
+		if o.UserFile != "" && o.PasswordFile == "" {
+			t.Fatalf("resilient_user_file accepted without resilient_password_file")
+		}
 		again := maps.Clone(params)
 		o2 := DefaultOptions()
 		if err := claimKeys(again, &o2, true); err != nil {
 			t.Fatalf("second strip failed: %v", err)
 		}
-		if !maps.Equal(again, params) || o2 != DefaultOptions() {
+		if !maps.Equal(again, params) || !reflect.DeepEqual(o2, DefaultOptions()) {
 			t.Fatalf("stripping is not idempotent: %v -> %v, %+v", params, again, o2)
 		}
 	})

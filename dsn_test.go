@@ -1,9 +1,11 @@
 package resilientpg
 
 import (
+	"context"
 	"errors"
 	"log/slog"
 	"net/url"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -79,6 +81,8 @@ func TestDSNKeysParsed(t *testing.T) {
 		{keyRejectReadOnly, "true", func(o *Options) { o.RejectReadOnly = ReadOnlyReject }},
 		{keyRejectReadOnly, "false", func(o *Options) { o.RejectReadOnly = ReadOnlyAllow }},
 		{keyRejectReadOnly, "auto", func(o *Options) { o.RejectReadOnly = ReadOnlyAuto }},
+		{keyPasswordFile, "/run/secrets/db/password", func(o *Options) { o.PasswordFile = "/run/secrets/db/password" }},
+		{keyPasswordFile, "/var/run/secrets/db/..data/password", func(o *Options) { o.PasswordFile = "/var/run/secrets/db/..data/password" }},
 	}
 	for _, form := range dsnForms {
 		for _, tc := range cases {
@@ -90,7 +94,7 @@ func TestDSNKeysParsed(t *testing.T) {
 				}
 				want := DefaultOptions()
 				tc.want(&want)
-				if got != want {
+				if !reflect.DeepEqual(got, want) {
 					t.Errorf("options = %+v, want %+v", got, want)
 				}
 				for k := range params {
@@ -141,6 +145,10 @@ func TestDSNKeysRejected(t *testing.T) {
 		{"resilient_pingg", "always", "one of resilient_ping, "},
 		{"RESILIENT_PING", "always", "one of resilient_ping, "},
 		{"resilient_", "x", "one of"},
+		{keyPasswordFile, "secrets/password", "absolute path"},
+		{keyPasswordFile, "~/pw", "absolute path"},
+		{keyUserFile, "user", "absolute path"},
+		{keyUserFile, "/run/secrets/db/user", "together with resilient_password_file"},
 	}
 	for _, form := range dsnForms {
 		for _, tc := range cases {
@@ -189,6 +197,12 @@ func TestNewConnectorRejects(t *testing.T) {
 	both.MaxAgeJitter = Jitter{Percent: 5, Duration: time.Second}
 	pool := DefaultOptions()
 	pool.MaxOpenConns = 5
+	withCreds := DefaultOptions()
+	withCreds.Credentials = func(context.Context) (Credentials, error) { return Credentials{Password: "x"}, nil }
+	withFile := DefaultOptions()
+	withFile.PasswordFile = "/run/secrets/pw"
+	withBoth := withCreds
+	withBoth.PasswordFile = "/run/secrets/pw"
 	for _, tc := range []struct {
 		name  string
 		inner any
@@ -204,6 +218,10 @@ func TestNewConnectorRejects(t *testing.T) {
 		{"not a driver", 42, DefaultOptions(), nil, "int"},
 		{"key in a foreign DSN", fakeDriver{f}, DefaultOptions(), []string{"file:x?resilient_ping=always"}, "resilient_ping"},
 		{"bad key in a pgx DSN", stdlib.GetDefaultDriver(), DefaultOptions(), []string{"postgres://h/db?resilient_ping=x"}, "resilient_ping"},
+		{"credentials on a foreign connector", f, withCreds, nil, "Options.Credentials"},
+		{"a password file on a foreign driver", fakeDriver{f}, withFile, []string{"x"}, "resilient_password_file"},
+		{"credentials and a file", stdlib.GetDefaultDriver(), withBoth, []string{"postgres://h/db"}, "one source of credentials"},
+		{"a file key with a registered pgx config", stdlib.GetDefaultDriver(), withFile, []string{"registeredConnConfig1"}, "resilient_password_file"},
 	} {
 		_, err := NewConnector(tc.inner, tc.opts, tc.dsn...)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
@@ -240,5 +258,25 @@ func TestRejectReadOnlyAuto(t *testing.T) {
 		if c.rejectReadOnly != tc.want {
 			t.Errorf("%s: reject read-only = %v, want %v", tc.dsn, c.rejectReadOnly, tc.want)
 		}
+	}
+}
+
+// TestCredentialOptionsInCode: the Options fields get the DSN keys'
+// checks, and a MySQL DSN needs its path's slashes escaped (the driver
+// splits the DSN at its last "/").
+func TestCredentialOptionsInCode(t *testing.T) {
+	o := DefaultOptions()
+	o.PasswordFile = "relative/pw"
+	if _, err := NewConnector(stdlib.GetDefaultDriver(), o, "postgres://h/db"); err == nil || !strings.Contains(err.Error(), "absolute path") {
+		t.Errorf("relative PasswordFile: %v", err)
+	}
+	o.PasswordFile, o.UserFile = "/run/pw", "/run/user"
+	c, err := NewConnector(stdlib.GetDefaultDriver(), o, "postgres://h/db")
+	if err != nil || c.creds == nil || c.creds.user == nil {
+		t.Fatalf("files in code: %v", err)
+	}
+	c, err = mysqlDriver.connector("app@tcp(h:3306)/db?resilient_password_file=%2Frun%2Fsecrets%2Fpw", DefaultOptions(), false)
+	if err != nil || c.opts.PasswordFile != "/run/secrets/pw" || c.creds == nil {
+		t.Fatalf("escaped path in a MySQL DSN: %v", err)
 	}
 }

@@ -30,3 +30,23 @@ func newLifetime(now time.Time, maxAge time.Duration, j Jitter) lifetime {
 func (l lifetime) expired(now time.Time) bool {
 	return !l.deadline.IsZero() && !now.Before(l.deadline)
 }
+
+// capAt brings the deadline forward to no later than expires (zero: no
+// change), less a uniform share of the jitter taken of the time left, so
+// that the connections made with one token are not all replaced at its
+// expiry either.
+func (l lifetime) capAt(now, expires time.Time, j Jitter) lifetime {
+	if expires.IsZero() {
+		return l
+	}
+	d := expires
+	if left := expires.Sub(now); left > 0 {
+		if spread := min(j.of(left), left); spread > 0 {
+			d = d.Add(-time.Duration(rand.Int64N(int64(spread) + 1)))
+		}
+	}
+	if l.deadline.IsZero() || d.Before(l.deadline) {
+		l.deadline = d
+	}
+	return l
+}

@@ -1,9 +1,11 @@
 package resilientpg
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
@@ -128,6 +130,27 @@ type Options struct {
 	// leak.suspected, with the borrower's stack; 0 = off
 	// (resilient_leak_threshold).
 	LeakThreshold time.Duration
+
+	// Credentials, if set, is called for the user and password of new
+	// connections, so that rotated passwords and short-lived tokens (RDS
+	// IAM) reach the pool without reopening it; open connections keep the
+	// credentials they logged in with. Connects that need credentials at
+	// the same time share one call; a result with Expires is reused until
+	// shortly before it. Each call gets a context bounded by
+	// ConnectTimeout, and a caller that gives up does not cancel it for the
+	// others. Its error fails the connect at once as a *CredentialError;
+	// it is never taken for the server being down. A connect the server
+	// refuses (28P01, 28000, 1045, 1698) with a reused result calls it
+	// again at once and tries once more. Only for the resilientpg and
+	// resilientmysql drivers; it excludes the file options.
+	Credentials func(ctx context.Context) (Credentials, error)
+	// PasswordFile is an absolute path whose content, without its trailing
+	// newline, is the password of new connections (resilient_password_file);
+	// it is read again when the file changes, so a Vault agent or a
+	// Kubernetes secret volume can rotate it. UserFile likewise holds the
+	// user (resilient_user_file) and needs PasswordFile.
+	PasswordFile string
+	UserFile     string
 }
 
 // ReadOnlyPolicy says whether a read-only error means a failover.
@@ -243,6 +266,9 @@ func (o *Options) validate() error {
 	if o.LeakThreshold < 0 {
 		return &ConfigError{Key: keyLeakThreshold, Value: o.LeakThreshold.String(), Allowed: "a duration >= 0 (0 = off)"}
 	}
+	if err := o.validateCredentials(); err != nil {
+		return err
+	}
 	if o.MaxOpenConns < Unset {
 		return &ConfigError{Key: keyMaxOpenConns, Value: strconv.Itoa(o.MaxOpenConns), Allowed: "an integer >= 0 (0 = unlimited)"}
 	}
@@ -250,6 +276,30 @@ func (o *Options) validate() error {
 		return &ConfigError{Key: keyMaxIdleConns, Value: strconv.Itoa(o.MaxIdleConns), Allowed: "an integer >= 0"}
 	}
 	return nil
+}
+
+// validateCredentials checks the credential options: one source, and
+// absolute paths, since a relative one would depend on the working
+// directory of whatever process opens the pool.
+func (o *Options) validateCredentials() error {
+	for _, f := range []struct{ key, path string }{{keyPasswordFile, o.PasswordFile}, {keyUserFile, o.UserFile}} {
+		if f.path != "" && !filepath.IsAbs(f.path) {
+			return &ConfigError{Key: f.key, Value: f.path, Allowed: findKey(f.key).allowed}
+		}
+	}
+	if o.UserFile != "" && o.PasswordFile == "" {
+		return &ConfigError{Key: keyUserFile, Value: o.UserFile, Allowed: "an absolute path, together with resilient_password_file"}
+	}
+	if o.Credentials != nil && o.PasswordFile != "" {
+		return &ConfigError{Key: keyPasswordFile, Value: o.PasswordFile,
+			Allowed: "no file when Options.Credentials is set: one source of credentials"}
+	}
+	return nil
+}
+
+// hasCredentials reports whether o sets a source of credentials.
+func (o *Options) hasCredentials() bool {
+	return o.Credentials != nil || o.PasswordFile != "" || o.UserFile != ""
 }
 
 // hasPoolSizing reports whether a pool-size key is set; only the functions

@@ -148,6 +148,10 @@ func (c *conn) handleErr(ctx context.Context, err error, inTx bool) error {
 		c.c.gate.suspect() // the server may be gone: the next connect probes for the others
 	case class == ClassSessionTimeout:
 		c.bad.Store(true)
+	case c.c.creds != nil && privilegeRevoked(err):
+		// Credentials rotate: a role that lost its rights is an old
+		// lease's, and a new connection logs in with the current one.
+		c.bad.Store(true)
 	case c.pg != nil && c.pg.IsClosed():
 		c.bad.Store(true)
 	}

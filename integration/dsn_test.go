@@ -97,6 +97,11 @@ func keysB() []string {
 	}
 }
 
+// credentialKeys are exercised by TestCredentials (credentials_test.go),
+// on servers of its own with real password authentication, in the URL,
+// keyword/value and MySQL forms.
+var credentialKeys = []string{"resilient_password_file=", "resilient_user_file="}
+
 // poolKeys are the keys only resilientpg.Open and OpenDB accept.
 var poolKeys = []string{"resilient_max_open_conns=7", "resilient_max_idle_conns=3"}
 
@@ -104,7 +109,7 @@ func TestDSNForms(t *testing.T) {
 	// Every key of the wrapper's table is exercised below, each with a
 	// non-default value; a key added to the table must be added here.
 	covered := map[string]bool{}
-	for _, kv := range slices.Concat(keysA("%"), keysB(), poolKeys) {
+	for _, kv := range slices.Concat(keysA("%"), keysB(), poolKeys, credentialKeys) {
 		k, _, _ := strings.Cut(kv, "=")
 		covered[k] = true
 	}
