@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"path/filepath"
 	"sync"
 	"syscall"
 	"time"
@@ -25,6 +26,29 @@ type daemon struct {
 
 	mu   sync.Mutex
 	proc *mariadbProc // the running process, or nil
+}
+
+// newDaemon prepares what every helper program needs before it starts: its
+// binary (from Debian package pkg), the OS user it runs as, stale labs
+// swept, and a fresh lab directory with its log file logName in it.
+func newDaemon(name, pkg, logName string, logf func(string, ...any)) (*daemon, error) {
+	bin, err := helperBinary(name, pkg)
+	if err != nil {
+		return nil, err
+	}
+	if logf == nil {
+		logf = func(string, ...any) {}
+	}
+	u, err := lookupServerUser("postgres")
+	if err != nil {
+		return nil, err
+	}
+	sweepStale(logf)
+	dir, err := newLabDir(name, u)
+	if err != nil {
+		return nil, err
+	}
+	return &daemon{name: name, user: u, dir: dir, out: filepath.Join(dir, logName), path: bin, logf: logf}, nil
 }
 
 // start launches the program unless it is already running.

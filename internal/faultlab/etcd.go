@@ -29,25 +29,13 @@ type Etcd struct {
 // StartEtcd starts etcd on free ports, as the "postgres" OS user when
 // running as root, and returns once /health says so. Call Close when done.
 func StartEtcd(ctx context.Context, logf func(string, ...any)) (*Etcd, error) {
-	bin, err := helperBinary("etcd", "etcd-server")
+	d, err := newDaemon("etcd", "etcd-server", "etcd.log", logf)
 	if err != nil {
 		return nil, err
 	}
-	if logf == nil {
-		logf = func(string, ...any) {}
-	}
-	u, err := lookupServerUser("postgres")
-	if err != nil {
-		return nil, err
-	}
-	sweepStale(logf)
-	dir, err := newLabDir("etcd", u)
-	if err != nil {
-		return nil, err
-	}
-	e := &Etcd{Dir: dir}
-	e.d = &daemon{name: "etcd", user: u, dir: dir, out: filepath.Join(dir, "etcd.log"), path: bin, logf: logf,
-		env: []string{"HOME=" + dir}}
+	dir := d.dir
+	d.env = []string{"HOME=" + dir}
+	e := &Etcd{Dir: dir, d: d}
 	ok := false
 	defer func() {
 		if !ok {

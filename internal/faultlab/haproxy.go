@@ -53,32 +53,19 @@ type HAProxyOptions struct {
 // the "postgres" OS user when running as root, and returns once the
 // frontend accepts TCP connections. Call Close when done.
 func StartHAProxy(ctx context.Context, opts HAProxyOptions) (*HAProxy, error) {
-	bin, err := helperBinary("haproxy", "haproxy")
-	if err != nil {
-		return nil, err
-	}
 	for _, s := range opts.Servers {
 		if err := checkLoopback(s.Addr); err != nil {
 			return nil, err
 		}
 	}
-	logf := opts.Logf
-	if logf == nil {
-		logf = func(string, ...any) {}
-	}
-	u, err := lookupServerUser("postgres")
+	d, err := newDaemon("haproxy", "haproxy", "haproxy.log", opts.Logf)
 	if err != nil {
 		return nil, err
 	}
-	sweepStale(logf)
-	dir, err := newLabDir("haproxy", u)
-	if err != nil {
-		return nil, err
-	}
-	h := &HAProxy{Dir: dir}
+	dir := d.dir
+	h := &HAProxy{Dir: dir, d: d}
 	cfg := filepath.Join(dir, "haproxy.cfg")
-	h.d = &daemon{name: "haproxy", user: u, dir: dir, out: filepath.Join(dir, "haproxy.log"), path: bin,
-		args: []string{"-db", "-f", cfg}, logf: logf}
+	d.args = []string{"-db", "-f", cfg}
 	ok := false
 	defer func() {
 		if !ok {
@@ -96,7 +83,7 @@ func StartHAProxy(ctx context.Context, opts HAProxyOptions) (*HAProxy, error) {
 		if err = h.start(ctx); err == nil || !strings.Contains(tailFile(h.d.out), "cannot bind") {
 			break
 		}
-		logf("faultlab: haproxy port %d was taken, retrying (%d/%d)", h.Port, attempt, pgStartAttempts)
+		h.d.logf("faultlab: haproxy port %d was taken, retrying (%d/%d)", h.Port, attempt, pgStartAttempts)
 	}
 	if err != nil {
 		return nil, err

@@ -32,20 +32,12 @@ type PatroniNode struct {
 }
 
 func newPatroniNode(name, pgBin string, logf func(string, ...any)) (*PatroniNode, error) {
-	bin, err := helperBinary("patroni", "patroni")
+	d, err := newDaemon("patroni", "patroni", "patroni.log", logf)
 	if err != nil {
 		return nil, err
 	}
-	u, err := lookupServerUser("postgres")
-	if err != nil {
-		return nil, err
-	}
-	sweepStale(logf)
-	dir, err := newLabDir("patroni", u)
-	if err != nil {
-		return nil, err
-	}
-	n := &PatroniNode{Name: name, Dir: dir}
+	dir := d.dir
+	n := &PatroniNode{Name: name, Dir: dir, d: d}
 	// Free ports are only reserved until Patroni binds them; a clash makes
 	// the start fail, and the cluster start with it, which is rare enough.
 	if n.Port, err = freePort(); err == nil {
@@ -55,9 +47,9 @@ func newPatroniNode(name, pgBin string, logf func(string, ...any)) (*PatroniNode
 		os.RemoveAll(dir)
 		return nil, err
 	}
-	n.d = &daemon{name: "patroni " + name, user: u, dir: dir, out: filepath.Join(dir, "patroni.log"),
-		path: bin, args: []string{filepath.Join(dir, "patroni.yml")}, logf: logf,
-		env: []string{"HOME=" + dir, "PATH=" + pgBin + ":/usr/bin:/bin"}}
+	d.name = "patroni " + name
+	d.args = []string{filepath.Join(dir, "patroni.yml")}
+	d.env = []string{"HOME=" + dir, "PATH=" + pgBin + ":/usr/bin:/bin"}
 	return n, nil
 }
 

@@ -65,26 +65,13 @@ func StartPgBouncer(ctx context.Context, opts PgBouncerOptions) (*PgBouncer, err
 	if err := checkLoopback(opts.Target); err != nil {
 		return nil, err
 	}
-	bin, err := helperBinary("pgbouncer", "pgbouncer")
+	d, err := newDaemon("pgbouncer", "pgbouncer", "pgbouncer.out", opts.Logf)
 	if err != nil {
 		return nil, err
 	}
-	logf := opts.Logf
-	if logf == nil {
-		logf = func(string, ...any) {}
-	}
-	u, err := lookupServerUser("postgres")
-	if err != nil {
-		return nil, err
-	}
-	sweepStale(logf)
-	dir, err := newLabDir("pgbouncer", u)
-	if err != nil {
-		return nil, err
-	}
-	b := &PgBouncer{Dir: dir}
-	b.d = &daemon{name: "pgbouncer", user: u, dir: dir, out: filepath.Join(dir, "pgbouncer.out"),
-		path: bin, args: []string{filepath.Join(dir, "pgbouncer.ini")}, logf: logf}
+	dir := d.dir
+	d.args = []string{filepath.Join(dir, "pgbouncer.ini")}
+	b := &PgBouncer{Dir: dir, d: d}
 	ok := false
 	defer func() {
 		if !ok {
@@ -105,7 +92,7 @@ func StartPgBouncer(ctx context.Context, opts PgBouncerOptions) (*PgBouncer, err
 		if err = b.Start(ctx); err == nil || !isPortInUse(tailFile(b.logPath())) {
 			break
 		}
-		logf("faultlab: pgbouncer port %d was taken, retrying (%d/%d)", b.Port, attempt, pgStartAttempts)
+		b.d.logf("faultlab: pgbouncer port %d was taken, retrying (%d/%d)", b.Port, attempt, pgStartAttempts)
 	}
 	if err != nil {
 		return nil, err
