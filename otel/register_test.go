@@ -18,18 +18,6 @@ import (
 	resilientotel "github.com/resilientpg/resilientpg/otel"
 )
 
-// The attribute values, spelt out rather than taken from the package, so
-// that a renamed constant shows up here as a changed metric.
-var (
-	discardLabels = []string{"marked_bad", "invalidated", "max_age", "max_idle",
-		"server_closed", "left_in_tx", "driver_reset", "ping_failed"}
-	classLabels = []string{"other", "canceled", "conn_lost", "shutdown", // index 1 on: "none" is left out
-		"cannot_connect", "session_timeout", "read_only", "serialization", "auth"}
-	notRetriedLabels = []string{"may_have_run", "in_tx", "retry_off"}
-	retriedLabels    = []string{"not_sent", "read_only", "idempotent"}
-	causeLabels      = []string{"crash", "restart", "read_only", "shutdown"}
-)
-
 // kinds is every instrument with its kind and unit.
 var kinds = map[string]string{
 	"db.client.connection.count": "updown {connection}", "db.client.connection.max": "updown {connection}",
@@ -76,22 +64,22 @@ func TestRegisterMapsEveryField(t *testing.T) {
 		"resilientpg.leaks.suspected": 112, "resilientpg.leaks.returned": 113,
 		"resilientpg.tx.attempts": 115, "resilientpg.tx.commit_unknown": 116, "resilientpg.tx.refused": 117,
 	}
-	for i, l := range []string{"serialization", "deadlock", "conn_lost", "unique", "extra"} {
+	for i, l := range killtest.TxCauseLabels {
 		want["resilientpg.tx.retries{cause="+l+"}"] = float64(800 + i)
 	}
-	for i, l := range classLabels {
+	for i, l := range killtest.ClassLabels {
 		want["resilientpg.connect.failures{error.type="+l+"}"] = float64(201 + i)
 		want["resilientpg.statement.failures{error.type="+l+"}"] = float64(501 + i)
 	}
-	for i, l := range discardLabels {
+	for i, l := range killtest.DiscardLabels {
 		want["resilientpg.discards{reason="+l+"}"] = float64(300 + i)
 		want["resilientpg.returns.rejected{reason="+l+"}"] = float64(400 + i)
 	}
-	for i, l := range notRetriedLabels {
+	for i, l := range killtest.NotRetriedLabels {
 		want["resilientpg.statement.not_retried{reason="+l+"}"] = float64(600 + i)
-		want["resilientpg.statement.retries{reason="+retriedLabels[i]+"}"] = float64(603 + i)
+		want["resilientpg.statement.retries{reason="+killtest.RetriedLabels[i]+"}"] = float64(603 + i)
 	}
-	for i, l := range causeLabels {
+	for i, l := range killtest.CauseLabels {
 		want["resilientpg.invalidations{cause="+l+"}"] = float64(700 + i)
 	}
 	got := collect(t, reader, "orders")

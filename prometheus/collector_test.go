@@ -18,19 +18,9 @@ import (
 	resilientprom "github.com/resilientpg/resilientpg/prometheus"
 )
 
-// The label values, spelt out rather than taken from the package, so that
-// a renamed constant shows up here as a changed metric.
-var (
-	discardLabels = []string{"marked_bad", "invalidated", "max_age", "max_idle",
-		"server_closed", "left_in_tx", "driver_reset", "ping_failed"}
-	classLabels = []string{"other", "canceled", "conn_lost", "shutdown", // index 1 on: "none" is left out
-		"cannot_connect", "session_timeout", "read_only", "serialization", "auth"}
-	notRetriedLabels = []string{"may_have_run", "in_tx", "retry_off"}
-	retriedLabels    = []string{"not_sent", "read_only", "idempotent"}
-	causeLabels      = []string{"crash", "restart", "read_only", "shutdown"}
-	gauges           = []string{"resilientpg_conns_open", "resilientpg_ping_max_seconds", "resilientpg_server_state",
-		"resilientpg_checked_out", "resilientpg_oldest_checkout_seconds"}
-)
+// gauges are the metric families that are not counters.
+var gauges = []string{"resilientpg_conns_open", "resilientpg_ping_max_seconds", "resilientpg_server_state",
+	"resilientpg_checked_out", "resilientpg_oldest_checkout_seconds"}
 
 const numFamilies = 31
 
@@ -50,22 +40,22 @@ func TestCollectorMapsEveryField(t *testing.T) {
 		"resilientpg_pool_exhausted_total": 114,
 		"resilientpg_tx_attempts_total":    115, "resilientpg_tx_commit_unknown_total": 116, "resilientpg_tx_refused_total": 117,
 	}
-	for i, l := range []string{"serialization", "deadlock", "conn_lost", "unique", "extra"} {
+	for i, l := range killtest.TxCauseLabels {
 		want[`resilientpg_tx_retries_total{cause="`+l+`"}`] = float64(800 + i)
 	}
-	for i, l := range classLabels {
+	for i, l := range killtest.ClassLabels {
 		want[`resilientpg_connect_failures_total{class="`+l+`"}`] = float64(201 + i)
 		want[`resilientpg_statement_failures_total{class="`+l+`"}`] = float64(501 + i)
 	}
-	for i, l := range discardLabels {
+	for i, l := range killtest.DiscardLabels {
 		want[`resilientpg_discards_total{reason="`+l+`"}`] = float64(300 + i)
 		want[`resilientpg_returns_rejected_total{reason="`+l+`"}`] = float64(400 + i)
 	}
-	for i, l := range notRetriedLabels {
+	for i, l := range killtest.NotRetriedLabels {
 		want[`resilientpg_statements_not_retried_total{reason="`+l+`"}`] = float64(600 + i)
-		want[`resilientpg_statement_retries_total{reason="`+retriedLabels[i]+`"}`] = float64(603 + i)
+		want[`resilientpg_statement_retries_total{reason="`+killtest.RetriedLabels[i]+`"}`] = float64(603 + i)
 	}
-	for i, l := range causeLabels {
+	for i, l := range killtest.CauseLabels {
 		want[`resilientpg_invalidations_total{cause="`+l+`"}`] = float64(700 + i)
 	}
 
@@ -122,7 +112,7 @@ func TestCollectorBesideDBStats(t *testing.T) {
 		}
 	}
 	var discards float64
-	for _, l := range discardLabels {
+	for _, l := range killtest.DiscardLabels {
 		discards += got[`resilientpg_discards_total{reason="`+l+`"}`]
 	}
 	if discards != 1 || s.Discards.Total() != 1 {
