@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"io"
 	"log"
+	"log/slog"
+	"os"
 	"time"
 
 	"github.com/DATA-DOG/go-sqlmock"
@@ -251,4 +253,42 @@ func ExampleRunTx() {
 	case err != nil:
 		log.Print(err)
 	}
+}
+
+// StatsOf reads the wrapper's counters behind a *sql.DB, beside
+// db.Stats(): what it discarded and why, its pings, retries, outages and
+// leaks. It reports false for a *sql.DB the wrapper does not drive.
+func ExampleStatsOf() {
+	db, _ := sql.Open("resilientpg", "postgres://app@db/app")
+	defer db.Close()
+	s, ok := resilientpg.StatsOf(db)
+	fmt.Println(ok, s.Discards.Total(), s.Retries[resilientpg.ReasonNotSent], s.Gate.State)
+
+	other, _ := sql.Open("pgx", "postgres://app@db/app")
+	defer other.Close()
+	_, ok = resilientpg.StatsOf(other)
+	fmt.Println(ok)
+	// Output:
+	// true 0 0 up
+	// false
+}
+
+// Events go to a log/slog logger (slog.Default() when Logger is nil), one
+// record each with an "event" attribute: server.down, server.up,
+// pool.invalidated, conn.discarded, leak.suspected, pool.exhausted...
+// LeakThreshold reports a connection held longer than it, with the stack
+// of the code that took it. The DSN keys resilient_log=warn and
+// resilient_leak_threshold=30s do the same.
+func ExampleOptions_observability() {
+	opts := resilientpg.DefaultOptions()
+	opts.Log = resilientpg.LogWarn
+	opts.Logger = slog.New(slog.NewJSONHandler(os.Stderr, nil))
+	opts.LeakThreshold = 30 * time.Second
+	db, err := resilientpg.OpenDB(stdlib.GetDefaultDriver(), opts, "postgres://app@db/app")
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer db.Close()
+	fmt.Println(db.Driver() != nil)
+	// Output: true
 }
