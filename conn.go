@@ -15,9 +15,11 @@ import (
 // interfaces database/sql looks for, and where the inner conn lacks one it
 // does exactly what database/sql would do without it (the fallbacks are
 // copied from database/sql's ctxutil.go), so wrapping never changes
-// behaviour; otelsql's conn.go is the model. Stmt, Rows and Tx are the inner
-// driver's own, returned untouched, so driver-specific interfaces on them
-// (ColumnConverter, ColumnType*, RowsNextResultSet) keep working.
+// behaviour; otelsql's conn.go is the model. Rows are the inner driver's
+// own, returned untouched, so driver-specific interfaces on them
+// (ColumnType*, RowsNextResultSet) keep working. Stmt and Tx are wrapped,
+// for correctness (see stmt and tx), with the same care for the optional
+// interfaces.
 //
 // Fields without a comment are fixed at connect. The others are guarded by
 // database/sql's driverConn lock, which serialises every call on a conn.
@@ -128,7 +130,7 @@ func (c *conn) Prepare(query string) (driver.Stmt, error) {
 	if err != nil {
 		return nil, c.handleErr(context.Background(), err, inTx)
 	}
-	return s, nil
+	return c.wrapStmt(s), nil
 }
 
 // PrepareContext forwards, or does what database/sql's ctxDriverPrepare does.
@@ -145,7 +147,7 @@ func (c *conn) PrepareContext(ctx context.Context, query string) (driver.Stmt, e
 		if err != nil {
 			return nil, c.handleErr(ctx, err, inTx)
 		}
-		return s, nil
+		return c.wrapStmt(s), nil
 	}
 	s, err := c.Prepare(query)
 	if err == nil {

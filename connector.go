@@ -36,8 +36,9 @@ type Connector struct {
 	db             *sql.DB
 	creds          *credSource // Options.Credentials or the files; nil: the DSN's own (and, for pgx, its environment)
 
-	gen  atomic.Uint64 // bumped by invalidate; a conn of an older one is discarded
-	gate *dialGate     // shared with the inner connector's dial hook, if it has one
+	gen    atomic.Uint64 // bumped by invalidate; a conn of an older one is discarded
+	lostAt atomic.Int64  // UnixNano of the last statement that lost its connection; see peekAfterIdle
+	gate   *dialGate     // shared with the inner connector's dial hook, if it has one
 
 	stats  counters
 	ev     events
@@ -61,6 +62,7 @@ func (c *Connector) init(inner driver.Connector, d *Driver) {
 		c.rejectReadOnly = c.writable
 	}
 	c.gate.bo = backoff{initial: c.opts.ConnectBackoff, max: c.opts.ConnectBackoffMax}
+	c.gate.interval = c.opts.ProbeInterval
 	c.gate.c = c
 	c.ev.init(&c.opts, c.target)
 	c.track.epoch = time.Now()
@@ -106,6 +108,14 @@ func (c *Connector) invalidate(gen uint64, cause InvalidationCause) bool {
 	c.stats.invalidations[cause].Add(1)
 	c.ev.emit(evPoolInvalidated, slog.LevelWarn, "resilientpg: every pooled connection retired", slog.String("cause", cause.String()))
 	return true
+}
+
+// lost records that a statement lost its connection at now: the server may
+// be gone, so the next connect probes for the others, and checkout peeks
+// at every connection returned before now, however briefly idle.
+func (c *Connector) lost(now time.Time) {
+	c.lostAt.Store(now.UnixNano())
+	c.gate.suspect()
 }
 
 // Driver returns the wrapping driver: a copy of the registered one that
@@ -259,6 +269,22 @@ func pgConnector(c *Connector, dsn string, poolSizing bool) (driver.Connector, e
 		return nil, err
 	}
 	c.target.address, c.target.port = cfg.Host, int(cfg.Port)
+	c.writable = writableTarget(cfg)
+	if v := cfg.ValidateConnect; v != nil {
+		cfg.ValidateConnect = func(ctx context.Context, pc *pgconn.PgConn) error {
+			if err := v(ctx, pc); err != nil {
+				return &targetMismatchError{err}
+			}
+			return nil
+		}
+	}
+	if cfg.ConnectTimeout == 0 && multiHost(&cfg.Config) {
+		// pgx spends a connect's whole deadline on a black-holed first
+		// host and never tries the next; a bound per host lets a
+		// multi-host DSN reach its second host (connect_timeout in the
+		// DSN or PGCONNECT_TIMEOUT overrides it).
+		cfg.ConnectTimeout = defaultHostConnectTimeout
+	}
 	g := c.gate
 	dial := cfg.DialFunc
 	cfg.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
@@ -267,11 +293,37 @@ func pgConnector(c *Connector, dsn string, poolSizing bool) (driver.Connector, e
 		}
 		return dial(ctx, network, addr)
 	}
-	c.writable = writableTarget(cfg)
 	c.creds = newCredSource(&c.opts)
 	return stdlib.GetConnector(*cfg, stdlib.OptionShouldPing(neverPing),
 		stdlib.OptionBeforeConnect(pgBeforeConnect(c, dsn))), nil
 }
+
+// multiHost reports whether cfg names more than one host: pgconn also
+// lists a plain-text fallback of the same host for sslmode=prefer, which
+// does not count.
+func multiHost(cfg *pgconn.Config) bool {
+	for _, fb := range cfg.Fallbacks {
+		if fb.Host != cfg.Host || fb.Port != cfg.Port {
+			return true
+		}
+	}
+	return false
+}
+
+// defaultHostConnectTimeout bounds each host's connect attempt of a
+// multi-host DSN without connect_timeout: a healthy connect takes
+// milliseconds, a TLS login across regions a few hundred, and 2 s leaves
+// room to try a second host within a typical 5 s request deadline.
+const defaultHostConnectTimeout = 2 * time.Second
+
+// targetMismatchError marks a connect that reached a live server of the
+// wrong role for target_session_attrs (a standby when a primary is asked
+// for): during a failover the new primary may appear any moment, so the
+// connect gate probes again soon rather than backing off.
+type targetMismatchError struct{ err error }
+
+func (e *targetMismatchError) Error() string { return e.err.Error() }
+func (e *targetMismatchError) Unwrap() error { return e.err }
 
 // errSideDialSkipped is what pgx's cancel request gets while the server is
 // known down; pgx ignores cancel request errors.

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -14,6 +15,7 @@ import (
 
 	"github.com/go-sql-driver/mysql"
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/stdlib"
 )
 
 // gateState is what the connector believes about the server.
@@ -42,6 +44,8 @@ type dialGate struct {
 	bo        backoff       // guarded by mu
 	lastErr   error         // guarded by mu: the error that closed the gate, or the last probe's
 	restarted bool          // guarded by mu: a refusal was seen while down, so recovery means a new server
+	roundTrip bool          // guarded by mu: a pooler said it has no server; a probe must get a statement through
+	interval  time.Duration // the probe interval after a cheap refusal (Options.ProbeInterval)
 
 	suspectAt  time.Time  // guarded by mu: when the gate last turned suspect
 	lastFail   time.Time  // guarded by mu: the last failed dial while closed
@@ -86,7 +90,7 @@ func (c *Connector) Connect(ctx context.Context) (driver.Conn, error) {
 				// wraps (a secret store's refusal, say), the gate stays open.
 				return nil, err
 			}
-			if !retryableConnect(err) || ctx.Err() != nil {
+			if ctx.Err() != nil || !retryableConnect(err) {
 				return nil, connectErr(err)
 			}
 			g.mu.Lock()
@@ -136,7 +140,7 @@ func (c *Connector) Connect(ctx context.Context) (driver.Conn, error) {
 		if probed {
 			attempts++
 			c.stats.probes.Add(1)
-			inner, d, err = c.dial(ctx)
+			inner, d, err = c.probe(ctx)
 		}
 		g.mu.Lock()
 		g.probe = nil
@@ -173,6 +177,50 @@ func (c *Connector) Connect(ctx context.Context) (driver.Conn, error) {
 		}
 		g.mu.Unlock()
 	}
+}
+
+// probe is the dial of a probe. While a pooler has said it has no server,
+// the pooler itself accepts connects, so the probe also makes a round
+// trip: only a statement that gets through shows a server behind it.
+func (c *Connector) probe(ctx context.Context) (driver.Conn, dialed, error) {
+	inner, d, err := c.dial(ctx)
+	if err != nil {
+		return nil, d, err
+	}
+	c.gate.mu.Lock()
+	rt := c.gate.roundTrip
+	c.gate.mu.Unlock()
+	if rt {
+		if err := roundTrip(ctx, inner); err != nil {
+			inner.Close()
+			return nil, d, err
+		}
+	}
+	return inner, d, nil
+}
+
+// roundTrip makes one round trip on a new inner connection: pgx's empty
+// statement, or the driver's Ping.
+func roundTrip(ctx context.Context, inner driver.Conn) error {
+	if sc, ok := UnwrapConn(inner).(*stdlib.Conn); ok {
+		return sc.Conn().PgConn().Ping(ctx)
+	}
+	if p, ok := inner.(driver.Pinger); ok {
+		return p.Ping(ctx)
+	}
+	return nil
+}
+
+// unavailable closes the gate on a pooler's answer that it has no server
+// (PgBouncer's server_login_retry): new connects wait for a probe whose
+// round trip gets through, instead of each getting the same refusal.
+func (g *dialGate) unavailable(err error) {
+	g.mu.Lock()
+	g.roundTrip = true
+	if g.state != gateDown {
+		g.close(err)
+	}
+	g.mu.Unlock()
 }
 
 // suspect is called when a pooled connection lost its server.
@@ -216,7 +264,71 @@ func (g *dialGate) fail(err error) {
 	}
 	now := time.Now()
 	g.lastFail = now
-	g.notBefore = now.Add(g.bo.next())
+	g.notBefore = now.Add(g.nextProbe(err))
+}
+
+// nextProbe is the wait before the probe after a dial that failed with
+// err. A refusal costs the server nothing (its kernel answers, or a proxy
+// in front of it closes before any server work), so it is probed at a
+// short jittered interval and the first probe after the server is back
+// comes within about one interval. A failover in progress (a live
+// standby where a primary is wanted) or a pooler waiting for its server
+// is probed at four intervals: each probe costs a login, and the wait is
+// short. Everything else (starting up, too many connections, timeouts,
+// TLS or login failures) costs the server work: capped exponential
+// backoff with full jitter. mu is held.
+func (g *dialGate) nextProbe(err error) time.Duration {
+	switch probeKindOf(err) {
+	case probeRefused:
+		return jitterAround(g.interval)
+	case probeSoon:
+		return jitterAround(4 * g.interval)
+	}
+	return g.bo.next()
+}
+
+// jitterAround draws a wait uniformly from [d/2, 3d/2]: it averages d, so
+// the probe rate is bounded, and clients that failed together drift apart.
+func jitterAround(d time.Duration) time.Duration {
+	return d/2 + time.Duration(rand.Int64N(int64(d)+1))
+}
+
+// probeKind sorts a failed dial by what probing again costs the server.
+type probeKind uint8
+
+const (
+	probeCostly  probeKind = iota // the server did work to refuse: back off
+	probeRefused                  // refused or closed before any server work: probe often
+	probeSoon                     // a failover or a pooler's wait: probe soon, not often
+)
+
+func probeKindOf(err error) probeKind {
+	if _, ok := asType[*targetMismatchError](err); ok {
+		return probeSoon // a live server of the wrong role: its peer may be promoted any moment
+	}
+	if poolerRetryLater(err) {
+		return probeSoon
+	}
+	if _, ok := asType[*pgconn.PgError](err); ok {
+		return probeCostly // the server answered: a backend started, refused, ended
+	}
+	if _, ok := asType[*mysql.MySQLError](err); ok {
+		return probeCostly
+	}
+	if errors.Is(err, syscall.ECONNREFUSED) || Classify(err) == ClassConnLost && !isTimeout(err) {
+		return probeRefused // nothing listens, or a proxy with nothing behind it closed the socket
+	}
+	return probeCostly // timeouts, TLS, anything unknown
+}
+
+// isTimeout reports whether err is a timeout of some kind: a black-holed
+// address costs each probe a whole timeout, so it is not probed often.
+func isTimeout(err error) bool {
+	if errors.Is(err, syscall.ETIMEDOUT) || errors.Is(err, context.DeadlineExceeded) {
+		return true
+	}
+	ne, ok := asType[net.Error](err)
+	return ok && ne.Timeout()
 }
 
 // serverGone reports whether a failed dial shows the server process itself
@@ -250,7 +362,7 @@ func (g *dialGate) open() {
 		g.c.ev.emit(evServerUp, slog.LevelInfo, "resilientpg: server reachable again",
 			slog.Duration("downtime", down), slog.Int64("probes", g.outProbes))
 	}
-	g.state, g.restarted, g.lastErr = gateOpen, false, nil
+	g.state, g.restarted, g.roundTrip, g.lastErr = gateOpen, false, false, nil
 	g.down.Store(false)
 	g.suspectUntil.Store(0)
 	g.bo.reset()

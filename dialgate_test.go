@@ -55,52 +55,70 @@ func TestBackoffBounds(t *testing.T) {
 	}
 }
 
-// TestGateSingleFlight: while the server refuses, 50 concurrent Connect
-// calls cause one dial per backoff step, not one per caller, and all of
-// them succeed within one backoff cap once the server accepts again.
+// TestGateSingleFlight: while the server is down, 50 concurrent Connect
+// calls cause one dial per probe, not one per caller, at the pace the
+// failure's cost allows: a refusal (nothing listens) at the probe interval
+// (30 ms on average: at most 40 a second), a rejection that costs the
+// server work (too many connections) with exponential backoff to the 1 s
+// cap (at most 5 a second), a live standby where a primary is wanted at
+// four intervals. Once the server accepts, all of them connect within one
+// wait of that pace.
 func TestGateSingleFlight(t *testing.T) {
-	synctest.Test(t, func(t *testing.T) {
-		c, f := newFakeConnector(shapePgx, opts(nil))
-		f.setConnectErr(errRefused)
-		const callers = 50
-		outage := 5 * time.Second
-		var wg sync.WaitGroup
-		var failed atomic.Int64
-		var lastOK atomic.Int64
-		start := time.Now()
-		for range callers {
-			wg.Go(func() {
-				ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-				defer cancel()
-				if _, err := c.Connect(ctx); err != nil {
-					failed.Add(1)
-					t.Errorf("Connect: %v", err)
-					return
+	tooMany := &pgconn.PgError{Severity: "FATAL", Code: "53300", Message: "sorry, too many clients already"}
+	standby := &targetMismatchError{errors.New("read only connection")}
+	for _, tc := range []struct {
+		name       string
+		err        error
+		maxPerSec  float64       // dials a second while down, at most
+		minPerSec  float64       // and at least: the pace is not slower than promised either
+		recoverMax time.Duration // all callers connected within this of recovery
+	}{
+		{"refused", errRefused, 40, 25, 45 * time.Millisecond},
+		{"too many clients", tooMany, 5, 1, time.Second},
+		{"standby", standby, 10, 6, 180 * time.Millisecond},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				c, f := newFakeConnector(shapePgx, opts(nil))
+				f.setConnectErr(tc.err)
+				const callers = 50
+				outage := 5 * time.Second
+				var wg sync.WaitGroup
+				var lastOK atomic.Int64
+				start := time.Now()
+				for range callers {
+					wg.Go(func() {
+						ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+						defer cancel()
+						if _, err := c.Connect(ctx); err != nil {
+							t.Errorf("Connect: %v", err)
+							return
+						}
+						lastOK.Store(int64(time.Since(start)))
+					})
 				}
-				lastOK.Store(int64(time.Since(start)))
+				time.Sleep(time.Millisecond)
+				firstWave := c.gate.dials.Load()
+				time.Sleep(outage - time.Millisecond)
+				during := c.gate.dials.Load() - firstWave
+				f.setConnectErr(nil)
+				wg.Wait()
+				if firstWave > callers {
+					t.Errorf("first wave: %d dials, want at most one per caller", firstWave)
+				}
+				rate := float64(during) / outage.Seconds()
+				if rate > tc.maxPerSec || rate < tc.minPerSec {
+					t.Errorf("%d dials during a %v outage with %d waiting callers (%.1f/s): want %.0f to %.0f a second",
+						during, outage, callers, rate, tc.minPerSec, tc.maxPerSec)
+				}
+				if took := time.Duration(lastOK.Load()) - outage; took > tc.recoverMax {
+					t.Errorf("last caller connected %v after recovery, want within %v", took, tc.recoverMax)
+				}
+				t.Logf("first wave %d dials, %d during the outage (%.1f/s), all %d connected %v after recovery",
+					firstWave, during, rate, callers, time.Duration(lastOK.Load())-outage)
 			})
-		}
-		time.Sleep(time.Millisecond)
-		firstWave := c.gate.dials.Load()
-		time.Sleep(outage - time.Millisecond)
-		during := c.gate.dials.Load() - firstWave
-		f.setConnectErr(nil)
-		wg.Wait()
-		if firstWave > callers {
-			t.Errorf("first wave: %d dials, want at most one per caller", firstWave)
-		}
-		// One probe per backoff step: the waits average at least a quarter of
-		// the cap once the ceiling reaches it, so 5 s hold far fewer than the
-		// callers' count.
-		if during > 20 {
-			t.Errorf("%d dials during a %v outage with %d waiting callers: want a few per second", during, outage, callers)
-		}
-		if took := time.Duration(lastOK.Load()) - outage; took > time.Second {
-			t.Errorf("last caller connected %v after recovery, want within one backoff cap (1s)", took)
-		}
-		t.Logf("first wave %d dials, %d during the outage, all %d connected %v after recovery",
-			firstWave, during, callers, time.Duration(lastOK.Load())-outage)
-	})
+		})
+	}
 }
 
 // TestGateRestartInvalidates: refused then accepted means a new server:

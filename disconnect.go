@@ -102,8 +102,17 @@ func Classify(err error) Class {
 	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
 		return ClassCanceled
 	}
+	if _, ok := asType[*targetMismatchError](err); ok {
+		// Only a server of the wrong role answered (a standby where
+		// target_session_attrs wants a primary): a failover may be under
+		// way, and no suitable connection can be had now.
+		return ClassCannotConnect
+	}
 	// A server's answer is the most precise evidence there is.
 	if pe, ok := asType[*pgconn.PgError](err); ok {
+		if class, _, ok := poolerReason(pe); ok {
+			return class // PgBouncer's own reasons, all 08P01
+		}
 		return classifySQLState(pe.Code)
 	}
 	if me, ok := asType[*mysql.MySQLError](err); ok {

@@ -28,6 +28,7 @@ const (
 	keyConnectBackoff    = "resilient_connect_backoff"
 	keyConnectBackoffMax = "resilient_connect_backoff_max"
 	keyConnectWait       = "resilient_connect_wait"
+	keyProbeInterval     = "resilient_probe_interval"
 	keyRetry             = "resilient_retry"
 	keyRejectReadOnly    = "resilient_reject_read_only"
 	keyLog               = "resilient_log"
@@ -72,6 +73,7 @@ var dsnKeys = []dsnKey{
 	{keyConnectTimeout, "a duration > 0 such as 30s", durationKey(func(o *Options) *time.Duration { return &o.ConnectTimeout })},
 	{keyConnectBackoff, "a duration > 0 such as 100ms", durationKey(func(o *Options) *time.Duration { return &o.ConnectBackoff })},
 	{keyConnectBackoffMax, "a duration > 0 such as 1s", durationKey(func(o *Options) *time.Duration { return &o.ConnectBackoffMax })},
+	{keyProbeInterval, "a duration > 0 such as 30ms", durationKey(func(o *Options) *time.Duration { return &o.ProbeInterval })},
 	{keyConnectWait, "a duration >= 0 such as 30s (0 = fail at once while the server is down)", durationKey(func(o *Options) *time.Duration { return &o.ConnectWait })},
 	{keyRetry, "safe or off", enumKey(func(o *Options) *RetryPolicy { return &o.Retry },
 		map[string]RetryPolicy{"safe": RetrySafe, "off": RetryOff})},

@@ -28,12 +28,17 @@ const (
 	// ReasonIdempotent: retried; the caller marked the context with
 	// WithIdempotent.
 	ReasonIdempotent
+	// ReasonUnavailable: retried; a connection pooler in front of the
+	// server (PgBouncer) answered that it had no server to run it on, so it
+	// did not run. The connection waits at the connect gate for a probe
+	// that gets through to a server.
+	ReasonUnavailable
 	numRetryReasons
 )
 
-var reasonNames = [numRetryReasons]string{"may have run", "in transaction", "retry off", "not sent", "read-only", "idempotent"}
+var reasonNames = [numRetryReasons]string{"may have run", "in transaction", "retry off", "not sent", "read-only", "idempotent", "server unavailable"}
 
-var reasonLabels = [numRetryReasons]string{"may_have_run", "in_tx", "retry_off", "not_sent", "read_only", "idempotent"}
+var reasonLabels = [numRetryReasons]string{"may_have_run", "in_tx", "retry_off", "not_sent", "read_only", "idempotent", "unavailable"}
 
 func (r RetryReason) String() string {
 	if r < numRetryReasons {
@@ -43,7 +48,8 @@ func (r RetryReason) String() string {
 }
 
 // Label is the reason as a metric label or log attribute value:
-// may_have_run, in_tx, retry_off, not_sent, read_only, idempotent.
+// may_have_run, in_tx, retry_off, not_sent, read_only, idempotent,
+// unavailable.
 func (r RetryReason) Label() string {
 	if r < numRetryReasons {
 		return reasonLabels[r]

@@ -111,6 +111,15 @@ type Options struct {
 	// resilient_connect_backoff_max).
 	ConnectBackoff    time.Duration
 	ConnectBackoffMax time.Duration
+	// ProbeInterval is how often a server that refuses connections
+	// (nothing listening, or a proxy with nothing behind it) is probed
+	// while down: each wait is drawn from half to one and a half times
+	// this, so a pool makes at most about 1/ProbeInterval connects a
+	// second and finds the server back within about one interval
+	// (resilient_probe_interval). A refusal costs the server nothing; a
+	// rejection that costs it work (starting up, too many connections)
+	// is backed off by ConnectBackoff instead.
+	ProbeInterval time.Duration
 	// ConnectWait is how long a Connect waits for a server known to be
 	// down, within its context; 0 fails at once (resilient_connect_wait).
 	ConnectWait time.Duration
@@ -186,6 +195,7 @@ const (
 	defaultConnectTimeout    = 30 * time.Second
 	defaultConnectBackoff    = 100 * time.Millisecond
 	defaultConnectBackoffMax = time.Second
+	defaultProbeInterval     = 30 * time.Millisecond
 	defaultConnectWait       = 30 * time.Second
 )
 
@@ -203,6 +213,7 @@ func DefaultOptions() Options {
 		ConnectTimeout:    defaultConnectTimeout,
 		ConnectBackoff:    defaultConnectBackoff,
 		ConnectBackoffMax: defaultConnectBackoffMax,
+		ProbeInterval:     defaultProbeInterval,
 		ConnectWait:       defaultConnectWait,
 	}
 }
@@ -246,6 +257,10 @@ func (o *Options) validate() error {
 	if o.ConnectBackoffMax < o.ConnectBackoff {
 		return &ConfigError{Key: keyConnectBackoffMax, Value: o.ConnectBackoffMax.String(),
 			Allowed: "a duration >= resilient_connect_backoff (" + o.ConnectBackoff.String() + ")"}
+	}
+	if o.ProbeInterval <= 0 || o.ProbeInterval > o.ConnectBackoffMax {
+		return &ConfigError{Key: keyProbeInterval, Value: o.ProbeInterval.String(),
+			Allowed: "a duration > 0 and at most resilient_connect_backoff_max (" + o.ConnectBackoffMax.String() + ")"}
 	}
 	if o.ConnectWait < 0 {
 		return &ConfigError{Key: keyConnectWait, Value: o.ConnectWait.String(), Allowed: "a duration >= 0 (0 = fail at once)"}

@@ -113,6 +113,9 @@ func (c *conn) retryStatement(ctx context.Context, err error, class Class, inTx 
 	if pgconn.SafeToRetry(err) {
 		return ReasonNotSent // pgconn proves nothing was sent
 	}
+	if poolerRetryLater(err) {
+		return ReasonUnavailable // the pooler had no server to send it to
+	}
 	if class == ClassReadOnly && c.c.rejectReadOnly {
 		return ReasonReadOnly // rejected by a demoted primary: not executed
 	}
@@ -135,6 +138,13 @@ func (c *conn) handleErr(ctx context.Context, err error, inTx bool) error {
 	readOnlyFailover := class == ClassReadOnly && c.c.rejectReadOnly
 	cause, wide := serverWide(err)
 	switch {
+	case poolerRetryLater(err):
+		// PgBouncer has no server for now (its server_login_retry after a
+		// failed login): it closes this connection, and a new one would get
+		// the same answer until a statement gets through, so connects wait
+		// at the gate for a probe that makes a round trip.
+		c.bad.Store(true)
+		c.c.gate.unavailable(err)
 	case readOnlyFailover:
 		// A demoted primary: every connection made before now may point at
 		// it, so the pool reconnects (multi-host DSNs then find the new one).
@@ -145,7 +155,7 @@ func (c *conn) handleErr(ctx context.Context, err error, inTx bool) error {
 		c.c.invalidate(c.gen, cause)
 	case class == ClassConnLost || class == ClassShutdown:
 		c.bad.Store(true)
-		c.c.gate.suspect() // the server may be gone: the next connect probes for the others
+		c.c.lost(time.Now())
 	case class == ClassSessionTimeout:
 		c.bad.Store(true)
 	case c.c.creds != nil && privilegeRevoked(err):

@@ -46,14 +46,20 @@ type ClassCounts [numClasses]int64
 func (c ClassCounts) Total() int64 { return sum(c[:]) }
 
 // RetryCounts counts failed statements by RetryReason: the retried reasons
-// (ReasonNotSent, ReasonReadOnly, ReasonIdempotent) count statements handed
-// back to database/sql to run again, the others failures returned to the
-// caller unretried.
+// (ReasonNotSent, ReasonReadOnly, ReasonIdempotent, ReasonUnavailable)
+// count statements handed back to database/sql to run again, the others
+// failures returned to the caller unretried.
 type RetryCounts [numRetryReasons]int64
 
 // Retried is the number of statements handed back to run again.
 func (c RetryCounts) Retried() int64 {
-	return c[ReasonNotSent] + c[ReasonReadOnly] + c[ReasonIdempotent]
+	var n int64
+	for r, k := range c {
+		if RetryReason(r).Retried() {
+			n += k
+		}
+	}
+	return n
 }
 
 // InvalidationCause says what retired every connection of a pool at once.

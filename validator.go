@@ -25,7 +25,11 @@ var (
 // peek. A connection returned less than this ago can only hold a farewell
 // the server sent and the network delivered inside that gap; under load,
 // when connections are reused within microseconds, the peek's syscall would
-// be most of the wrapper's cost and almost never see anything.
+// be most of the wrapper's cost and almost never see anything. The
+// exception is a connection returned before another one lost its server
+// (Connector.lostAt): the server may have gone for it too, and without the
+// peek the next statement would be sent into a dead connection and fail in
+// flight.
 const peekAfterIdle = time.Millisecond
 
 // ResetSession runs at every checkout of a used connection, cheapest check
@@ -69,7 +73,7 @@ func (c *conn) ResetSession(ctx context.Context) error {
 		return c.discard(DiscardMaxIdle, ErrMaxIdle)
 	}
 	ping := o.Ping == PingAlways || (o.Ping == PingIdle && idle >= o.PingIdle)
-	if c.sock != nil && idle >= peekAfterIdle {
+	if c.sock != nil && (idle >= peekAfterIdle || c.lastActive.UnixNano() <= c.c.lostAt.Load()) {
 		switch c.sock.check() {
 		case sockClosed, sockFatal:
 			c.bad.Store(true)
