@@ -241,6 +241,14 @@ func checkOptions(o *Options, poolSizing bool) error {
 	if err := claimKeys(nil, o, poolSizing); err != nil {
 		return err
 	}
+	if o.tcpChanged() {
+		key, v := keyKeepalive, keepaliveString(o.Keepalive)
+		if o.Keepalive == defaultKeepalive {
+			key, v = keyTCPUserTimeout, o.TCPUserTimeout.String()
+		}
+		return &ConfigError{Key: key, Value: v,
+			Allowed: "the default with a connector you built (it dials with its own dialer); the TCP settings apply to the resilientpg and resilientmysql drivers and to pgx or go-sql-driver/mysql DSNs"}
+	}
 	if o.hasCredentials() {
 		key, v := keyPasswordFile, o.PasswordFile
 		if o.Credentials != nil {
@@ -286,7 +294,9 @@ func pgConnector(c *Connector, dsn string, poolSizing bool) (driver.Connector, e
 		cfg.ConnectTimeout = defaultHostConnectTimeout
 	}
 	g := c.gate
-	dial := cfg.DialFunc
+	// The DSN's config dials with pgconn's default, a zero net.Dialer:
+	// the wrapper's has the keepalive and user timeout.
+	dial := dialer(&c.opts).DialContext
 	cfg.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
 		if g.sideDialsBlocked(ctx) {
 			return nil, errSideDialSkipped
@@ -385,8 +395,7 @@ func mysqlConnector(c *Connector, dsn string, poolSizing bool) (driver.Connector
 	case cfg.DialFunc != nil:
 		cfg.DialFunc = captureDial(cfg.DialFunc)
 	case cfg.Net == "tcp" || cfg.Net == "tcp4" || cfg.Net == "tcp6" || cfg.Net == "unix":
-		var d net.Dialer
-		cfg.DialFunc = captureDial(d.DialContext)
+		cfg.DialFunc = captureDial(dialer(&c.opts).DialContext)
 	}
 	c.captureSock = cfg.DialFunc != nil
 	c.plaintext = cfg.TLS == nil

@@ -29,6 +29,8 @@ const (
 	keyConnectBackoffMax = "resilient_connect_backoff_max"
 	keyConnectWait       = "resilient_connect_wait"
 	keyProbeInterval     = "resilient_probe_interval"
+	keyKeepalive         = "resilient_keepalive"
+	keyTCPUserTimeout    = "resilient_tcp_user_timeout"
 	keyRetry             = "resilient_retry"
 	keyRejectReadOnly    = "resilient_reject_read_only"
 	keyLog               = "resilient_log"
@@ -74,6 +76,15 @@ var dsnKeys = []dsnKey{
 	{keyConnectBackoff, "a duration > 0 such as 100ms", durationKey(func(o *Options) *time.Duration { return &o.ConnectBackoff })},
 	{keyConnectBackoffMax, "a duration > 0 such as 1s", durationKey(func(o *Options) *time.Duration { return &o.ConnectBackoffMax })},
 	{keyProbeInterval, "a duration > 0 such as 30ms", durationKey(func(o *Options) *time.Duration { return &o.ProbeInterval })},
+	{keyKeepalive, "off, or idle, interval and count of TCP keepalive probes, each > 0, such as 15s,5s,3", func(o *Options, v string) error {
+		k, err := parseKeepalive(v)
+		if err != nil {
+			return err
+		}
+		o.Keepalive = k
+		return nil
+	}},
+	{keyTCPUserTimeout, "a duration >= 1ms such as 30s (0 = off; Linux only)", durationKey(func(o *Options) *time.Duration { return &o.TCPUserTimeout })},
 	{keyConnectWait, "a duration >= 0 such as 30s (0 = fail at once while the server is down)", durationKey(func(o *Options) *time.Duration { return &o.ConnectWait })},
 	{keyRetry, "safe or off", enumKey(func(o *Options) *RetryPolicy { return &o.Retry },
 		map[string]RetryPolicy{"safe": RetrySafe, "off": RetryOff})},

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -120,6 +121,16 @@ type Options struct {
 	// rejection that costs it work (starting up, too many connections)
 	// is backed off by ConnectBackoff instead.
 	ProbeInterval time.Duration
+	// Keepalive is the TCP keepalive of every connection the wrapper dials
+	// (resilient_keepalive: idle, interval and count such as "15s,5s,3",
+	// or "off"); Enable false turns keepalive off. The default finds a
+	// dead idle path in about 30 s (see tcp.go and the README).
+	Keepalive net.KeepAliveConfig
+	// TCPUserTimeout is how long sent data may stay unacknowledged before
+	// the kernel ends the connection, 0 = off (resilient_tcp_user_timeout;
+	// Linux only). It ends a statement stuck on a dead path without a
+	// context deadline, and bounds each connect.
+	TCPUserTimeout time.Duration
 	// ConnectWait is how long a Connect waits for a server known to be
 	// down, within its context; 0 fails at once (resilient_connect_wait).
 	ConnectWait time.Duration
@@ -214,6 +225,8 @@ func DefaultOptions() Options {
 		ConnectBackoff:    defaultConnectBackoff,
 		ConnectBackoffMax: defaultConnectBackoffMax,
 		ProbeInterval:     defaultProbeInterval,
+		Keepalive:         defaultKeepalive,
+		TCPUserTimeout:    defaultUserTimeout,
 		ConnectWait:       defaultConnectWait,
 	}
 }
@@ -262,6 +275,9 @@ func (o *Options) validate() error {
 		return &ConfigError{Key: keyProbeInterval, Value: o.ProbeInterval.String(),
 			Allowed: "a duration > 0 and at most resilient_connect_backoff_max (" + o.ConnectBackoffMax.String() + ")"}
 	}
+	if err := o.validateTCP(); err != nil {
+		return err
+	}
 	if o.ConnectWait < 0 {
 		return &ConfigError{Key: keyConnectWait, Value: o.ConnectWait.String(), Allowed: "a duration >= 0 (0 = fail at once)"}
 	}
@@ -291,6 +307,30 @@ func (o *Options) validate() error {
 		return &ConfigError{Key: keyMaxIdleConns, Value: strconv.Itoa(o.MaxIdleConns), Allowed: "an integer >= 0"}
 	}
 	return nil
+}
+
+// validateTCP checks the TCP settings: positive keepalive timings, and a
+// user timeout only where the kernel has one, in whole milliseconds.
+func (o *Options) validateTCP() error {
+	k := o.Keepalive
+	if k.Enable && (k.Idle <= 0 || k.Interval <= 0 || k.Count <= 0) ||
+		!k.Enable && k != (net.KeepAliveConfig{}) {
+		return &ConfigError{Key: keyKeepalive, Value: keepaliveString(k),
+			Allowed: findKey(keyKeepalive).allowed}
+	}
+	if o.TCPUserTimeout < 0 || o.TCPUserTimeout > 0 && o.TCPUserTimeout < time.Millisecond {
+		return &ConfigError{Key: keyTCPUserTimeout, Value: o.TCPUserTimeout.String(), Allowed: findKey(keyTCPUserTimeout).allowed}
+	}
+	if o.TCPUserTimeout > 0 && !userTimeoutSupported {
+		return &ConfigError{Key: keyTCPUserTimeout, Value: o.TCPUserTimeout.String(), Allowed: "0 on this platform: TCP_USER_TIMEOUT is Linux's"}
+	}
+	return nil
+}
+
+// tcpChanged reports whether the TCP settings differ from the defaults,
+// which only the wrapper's own dialer can apply.
+func (o *Options) tcpChanged() bool {
+	return o.Keepalive != defaultKeepalive || o.TCPUserTimeout != defaultUserTimeout
 }
 
 // validateCredentials checks the credential options: one source, and
