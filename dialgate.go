@@ -271,10 +271,10 @@ func (g *dialGate) fail(err error) {
 // err. A refusal costs the server nothing (its kernel answers, or a proxy
 // in front of it closes before any server work), so it is probed at a
 // short jittered interval and the first probe after the server is back
-// comes within about one interval. A failover in progress (a live
-// standby where a primary is wanted) or a pooler waiting for its server
-// is probed at four intervals: each probe costs a login, and the wait is
-// short. Everything else (starting up, too many connections, timeouts,
+// comes within about one interval; so is a pooler waiting for its server,
+// which answers from its own state. A failover in progress (a live standby
+// where a primary is wanted) is probed at four intervals: each probe
+// costs the standby a login, and the wait is short. Everything else (starting up, too many connections, timeouts,
 // TLS or login failures) costs the server work: capped exponential
 // backoff with full jitter. mu is held.
 func (g *dialGate) nextProbe(err error) time.Duration {
@@ -299,7 +299,7 @@ type probeKind uint8
 const (
 	probeCostly  probeKind = iota // the server did work to refuse: back off
 	probeRefused                  // refused or closed before any server work: probe often
-	probeSoon                     // a failover or a pooler's wait: probe soon, not often
+	probeSoon                     // a failover: probe soon, not often
 )
 
 func probeKindOf(err error) probeKind {
@@ -307,7 +307,7 @@ func probeKindOf(err error) probeKind {
 		return probeSoon // a live server of the wrong role: its peer may be promoted any moment
 	}
 	if poolerRetryLater(err) {
-		return probeSoon
+		return probeRefused // the pooler answers from its own state: no server work
 	}
 	if _, ok := asType[*pgconn.PgError](err); ok {
 		return probeCostly // the server answered: a backend started, refused, ended

@@ -11,25 +11,15 @@ import (
 	"github.com/resilientpg/resilientpg/internal/faultlab"
 )
 
-// assertPatroniRecovery: the first write on the new leader within 1 s of
-// the failover (a fresh session through HAProxy reaching a primary).
-// Measured 58 ms-1.104 s, over 1 s in about 1 run in 3: while HAProxy
-// has no server, connects get EOF, the connect gate backs off with full
-// jitter up to resilient_connect_backoff_max (1 s), and a wait drawn near
-// the cap plus the connect and the write lands just past 1 s. The core is
-// to make the probe after a failover come sooner (a cap a little under
-// 1 s, or a shorter fixed interval while connects fail with EOF right
-// after the TCP handshake, i.e. a proxy with no backend). The scenario
-// table's outage bound (cap + 500 ms) is asserted meanwhile.
-const assertPatroniRecovery = false
-
 // TestPatroniLeaderKill kills the Patroni leader's postmaster (kill -9)
 // under write load through HAProxy. Patroni (primary_start_timeout 0,
 // synchronous_mode) fails over to the synchronous replica and HAProxy's
 // /primary check follows. Goals: only writes in flight fail (at most one
-// per worker); success again
-// within the failover time (measured by a probe through HAProxy) + 1 s;
-// every acknowledged write on the new leader exactly once.
+// per worker); success again within 1 s of the failover (a fresh session
+// through HAProxy reaching a primary), although HAProxy answers every
+// connect meanwhile by closing it (a refusal: probed every
+// resilient_probe_interval); every acknowledged write on the new leader
+// exactly once.
 func TestPatroniLeaderKill(t *testing.T) {
 	start := time.Now()
 	c, err := faultlab.StartPatroni(topoCtx(t), faultlab.PatroniOptions{Logf: t.Logf})
@@ -78,12 +68,10 @@ func TestPatroniLeaderKill(t *testing.T) {
 		}
 		env.haLog("patroni: kill -9 of the leader's postmaster", p, s,
 			fmt.Sprintf("%s; failover %v; first write on the new leader %s", w, fmtDur(failover), first))
-		g := goal(p, gate{})
+		g := goal(p)
 		g.check(t, s.failed <= scLoadWorkers, "%s: %d writes failed, want <= %d (one per worker, in flight at the kill)", p.name, s.failed, scLoadWorkers)
-		goal(p, gate{name: "assertPatroniRecovery", on: assertPatroniRecovery}).check(t, s.firstOK >= 0 && s.firstOK-up <= time.Second,
+		g.check(t, s.firstOK >= 0 && s.firstOK-up <= time.Second,
 			"%s: first write on the new leader %s, want within 1s of the failover (%v)", p.name, first, fmtDur(up))
-		g.check(t, s.firstOK >= 0 && s.firstOK-up <= scBackoffMax+500*time.Millisecond,
-			"%s: first write on the new leader %s, want within the backoff cap %v + 500ms of the failover (%v)", p.name, first, scBackoffMax, fmtDur(up))
 		g.check(t, w.dups == 0 && w.missing == 0, "%s: %d duplicates, %d acknowledged writes missing; want 0, 0", p.name, w.dups, w.missing)
 	}
 }
