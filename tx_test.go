@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"strings"
+	"syscall"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -40,6 +41,12 @@ type txRow struct {
 	is        error // the final error must match it (nil: success)
 	cause     TxRetryCause
 	committed bool // the failed first attempt sent COMMIT
+	// rollbacks is how many ROLLBACKs reached the fakes in all: one for
+	// every attempt that failed after BEGIN and before COMMIT (fn's error,
+	// or the guard's Commit of a transaction the server ended), none for
+	// a failed BEGIN (no transaction) or a failed COMMIT (it ended the
+	// transaction; database/sql allows nothing after Commit).
+	rollbacks int64
 }
 
 // connClosedError is pgconn's "conn closed": nothing sent, on a connection
@@ -57,21 +64,21 @@ var txTable = []txRow{
 	{name: "BEGIN on a connection pgx closed", first: func(c *fakeConn) { c.beginErr = connClosedError{} },
 		attempts: 2, cause: TxRetryConnLost},
 	{name: "serialization failure", first: func(c *fakeConn) { c.txExecErrs = []error{errSerial} },
-		attempts: 2, cause: TxRetrySerialization},
+		attempts: 2, cause: TxRetrySerialization, rollbacks: 1},
 	{name: "deadlock", first: func(c *fakeConn) { c.txExecErrs = []error{errDeadlock} },
-		attempts: 2, cause: TxRetryDeadlock},
+		attempts: 2, cause: TxRetryDeadlock, rollbacks: 1},
 	{name: "mysql deadlock, then a statement the guard refuses", shape: shapeMySQL, stmts: 2,
-		first: func(c *fakeConn) { c.txExecErrs = []error{nil, errMyDead} }, attempts: 2, cause: TxRetryDeadlock},
+		first: func(c *fakeConn) { c.txExecErrs = []error{nil, errMyDead} }, attempts: 2, cause: TxRetryDeadlock, rollbacks: 1},
 	{name: "mysql lock wait timeout", shape: shapeMySQL, first: func(c *fakeConn) { c.txExecErrs = []error{errMyWait} },
-		attempts: 2, cause: TxRetrySerialization},
+		attempts: 2, cause: TxRetrySerialization, rollbacks: 1},
 	{name: "unique violation: the caller's error", first: func(c *fakeConn) { c.txExecErrs = []error{errUnique} },
-		attempts: 1, is: errUnique},
+		attempts: 1, is: errUnique, rollbacks: 1},
 	{name: "unique violation, opted in", first: func(c *fakeConn) { c.txExecErrs = []error{errUnique} },
-		opts: []TxOption{TxRetryUniqueViolation()}, attempts: 2, cause: TxRetryUnique},
+		opts: []TxOption{TxRetryUniqueViolation()}, attempts: 2, cause: TxRetryUnique, rollbacks: 1},
 	{name: "extra code", first: func(c *fakeConn) { c.txExecErrs = []error{&pgconn.PgError{Code: "55P03"}} },
-		opts: []TxOption{TxRetryOn("55P03")}, attempts: 2, cause: TxRetryExtra},
+		opts: []TxOption{TxRetryOn("55P03")}, attempts: 2, cause: TxRetryExtra, rollbacks: 1},
 	{name: "connection lost inside fn", first: func(c *fakeConn) { c.txExecErrs = []error{io.ErrUnexpectedEOF} },
-		attempts: 2, cause: TxRetryConnLost},
+		attempts: 2, cause: TxRetryConnLost, rollbacks: 1},
 	{name: "connection lost during COMMIT: unknown", first: func(c *fakeConn) { c.commitErr = io.ErrUnexpectedEOF },
 		attempts: 1, is: ErrCommitUnknown, committed: true},
 	{name: "connection lost during a read-only COMMIT", first: func(c *fakeConn) { c.commitErr = io.ErrUnexpectedEOF },
@@ -85,8 +92,19 @@ var txTable = []txRow{
 		first:    func(c *fakeConn) { c.txExecErrs = []error{errUnique}; c.commitErr = pgx.ErrTxCommitRollback },
 		attempts: 1, is: ErrTxAborted, committed: true},
 	{name: "25P02 after a swallowed serialization failure", stmts: -2,
-		first: func(c *fakeConn) { c.txExecErrs = []error{errSerial, errAborted} }, attempts: 2, cause: TxRetrySerialization},
-	{name: "the caller's own error", stmts: -3, first: func(*fakeConn) {}, attempts: 1, is: errBusiness},
+		first: func(c *fakeConn) { c.txExecErrs = []error{errSerial, errAborted} }, attempts: 2, cause: TxRetrySerialization,
+		rollbacks: 1},
+	// Rows added for issue 9's table: BEGIN reset by the peer, deadlocks
+	// reported by COMMIT on both engines.
+	{name: "BEGIN on a reset connection", first: func(c *fakeConn) { c.beginErr = syscall.ECONNRESET },
+		attempts: 2, cause: TxRetryConnLost},
+	{name: "deadlock at COMMIT", first: func(c *fakeConn) { c.commitErr = errDeadlock },
+		attempts: 2, cause: TxRetryDeadlock, committed: true},
+	{name: "mysql deadlock at COMMIT", shape: shapeMySQL, first: func(c *fakeConn) { c.commitErr = errMyDead },
+		attempts: 2, cause: TxRetryDeadlock, committed: true},
+	{name: "mysql lock wait timeout at COMMIT", shape: shapeMySQL, first: func(c *fakeConn) { c.commitErr = errMyWait },
+		attempts: 2, cause: TxRetrySerialization, committed: true},
+	{name: "the caller's own error", stmts: -3, first: func(*fakeConn) {}, attempts: 1, is: errBusiness, rollbacks: 1},
 }
 
 // runTxRow runs one row; fn runs n statements and returns the first error
@@ -143,10 +161,11 @@ func TestRunTxDecisionTable(t *testing.T) {
 			if row.attempts > 1 && (s.TxRetries[row.cause] != row.attempts-1 || s.TxRetries.Total() != row.attempts-1) {
 				t.Errorf("retries %v, want %d under %v", s.TxRetries, row.attempts-1, row.cause)
 			}
-			var commits, auto int64
+			var commits, auto, rollbacks int64
 			for i := range int(f.opens.Load()) {
 				commits += f.conn(i).commits.Load()
 				auto += f.conn(i).autoExecs.Load()
+				rollbacks += f.conn(i).rollbacks.Load()
 			}
 			want := int64(0)
 			if row.committed {
@@ -160,6 +179,9 @@ func TestRunTxDecisionTable(t *testing.T) {
 			}
 			if auto != 0 {
 				t.Errorf("%d statements ran outside a transaction", auto)
+			}
+			if rollbacks != row.rollbacks {
+				t.Errorf("%d ROLLBACKs sent, want %d (one per attempt that failed between BEGIN and COMMIT)", rollbacks, row.rollbacks)
 			}
 			if errors.Is(err, ErrCommitUnknown) && s.TxCommitUnknown != 1 {
 				t.Errorf("TxCommitUnknown = %d, want 1", s.TxCommitUnknown)
