@@ -77,6 +77,8 @@ func TestOutageEvents(t *testing.T) {
 		}
 		if s.Invalidations[InvalidRestart] != 1 || len(rec.Events("pool.invalidated")) != 1 {
 			t.Errorf("refused-then-accepted must invalidate once: %v", s.Invalidations)
+		} else if r := rec.Events("pool.invalidated")[0]; r.Attrs["cause"].String() != "restart" || r.Level != slog.LevelWarn {
+			t.Errorf("pool.invalidated = %+v, want cause restart at warn", r)
 		}
 	})
 }
@@ -159,4 +161,40 @@ func TestConnectFailedEvent(t *testing.T) {
 			t.Errorf("connect failures by class = %d, want 1", got)
 		}
 	})
+}
+
+// TestPoolInvalidatedEvent: every invalidation logs one pool.invalidated
+// at warn whose cause attribute names the cause, the way the counters and
+// exporters spell it; at resilient_log=error it is counted, not logged.
+// The crash comes the way the code meets it, from a failed statement.
+func TestPoolInvalidatedEvent(t *testing.T) {
+	for cause := range numInvalidationCauses {
+		t.Run(cause.String(), func(t *testing.T) {
+			o, rec := logged(LogWarn, nil)
+			c, f := newFakeConnector(shapePgx, o)
+			w, _ := connect(c, f)
+			if cause == InvalidCrash {
+				w.handleErr(context.Background(), errCrash, false)
+			} else if !c.invalidate(w.gen, cause) {
+				t.Fatal("invalidate refused a first report")
+			}
+			recs := rec.Events("pool.invalidated")
+			if len(recs) != 1 {
+				t.Fatalf("%d pool.invalidated records, want 1", len(recs))
+			}
+			if recs[0].Level != slog.LevelWarn || recs[0].Attrs["cause"].String() != cause.String() {
+				t.Errorf("pool.invalidated = level %v, cause %q; want warn, %q", recs[0].Level, recs[0].Attrs["cause"].String(), cause)
+			}
+			if got := c.Stats().Invalidations; got[cause] != 1 || got.Total() != 1 {
+				t.Errorf("invalidations %v, want one %s", got, cause)
+			}
+		})
+	}
+	o, rec := logged(LogError, nil)
+	c, f := newFakeConnector(shapePgx, o)
+	w, _ := connect(c, f)
+	c.invalidate(w.gen, InvalidShutdown)
+	if n := len(rec.Events("pool.invalidated")); n != 0 || c.Stats().Invalidations[InvalidShutdown] != 1 {
+		t.Errorf("resilient_log=error: %d pool.invalidated records (want 0: it is a warning), invalidations %v", n, c.Stats().Invalidations)
+	}
 }

@@ -160,6 +160,9 @@ func TestNoLeakUnderLoad(t *testing.T) {
 
 // TestPoolExhausted: MaxOpenConns(2), both connections leaked, five callers
 // waiting: pool.exhausted names both leaked checkouts with their stacks.
+// The two leaks are made on lines of their own, so the report must name
+// two distinct connections whose stacks start one at each line: the same
+// checkout listed twice cannot pass.
 func TestPoolExhausted(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		o, rec := logged(LogWarn, func(o *Options) { o.LeakThreshold = time.Minute })
@@ -171,15 +174,19 @@ func TestPoolExhausted(t *testing.T) {
 		defer db.Close()
 		db.SetMaxOpenConns(2)
 		ctx := context.Background()
-		var leaked []string
-		for range 2 {
-			leaked = append(leaked, nextLine())
-			rows, err := db.QueryContext(ctx, "SELECT 1")
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer rows.Close()
+		first := nextLine()
+		rows1, err := db.QueryContext(ctx, "SELECT 1")
+		if err != nil {
+			t.Fatal(err)
 		}
+		defer rows1.Close()
+		second := nextLine()
+		rows2, err := db.QueryContext(ctx, "SELECT 1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer rows2.Close()
+		leaked := []string{first, second}
 		wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		defer cancel()
 		var wg sync.WaitGroup
@@ -199,14 +206,31 @@ func TestPoolExhausted(t *testing.T) {
 		if a["in_use"].Int64() != 2 || a["max_open"].Int64() != 2 || a["waits_started"].Int64() != 5 {
 			t.Errorf("pool.exhausted in_use %v, max_open %v, waits_started %v; want 2, 2, 5", a["in_use"], a["max_open"], a["waits_started"])
 		}
+		ids := map[int64]bool{}
+		starts := map[string]int{}
 		for i := 1; i <= 2; i++ {
-			stack := a["oldest."+strconv.Itoa(i)+".stack"].String()
-			if !strings.HasPrefix(stack, leaked[0]+" ") && !strings.HasPrefix(stack, leaked[1]+" ") {
+			k := "oldest." + strconv.Itoa(i) + "."
+			id, ok := a[k+"conn"]
+			if !ok {
+				t.Errorf("oldest checkout %d has no conn id", i)
+			}
+			ids[id.Int64()] = true
+			stack := a[k+"stack"].String()
+			firstFrame, _, _ := strings.Cut(stack, "\n")
+			where, _, _ := strings.Cut(firstFrame, " ")
+			starts[where]++
+			if where != leaked[0] && where != leaked[1] {
 				t.Errorf("oldest checkout %d starts %q, want one of the leaking lines %v", i, stack, leaked)
 			}
-			if held := a["oldest."+strconv.Itoa(i)+".held"].Duration(); held < 2*time.Second {
+			if held := a[k+"held"].Duration(); held < 2*time.Second {
 				t.Errorf("oldest checkout %d held %v, want >= 2s", i, held)
 			}
+		}
+		if len(ids) != 2 {
+			t.Errorf("the two oldest checkouts are connections %v: want two distinct connections", ids)
+		}
+		if starts[first] != 1 || starts[second] != 1 {
+			t.Errorf("stacks start at %v; want one at each leaking line (%s, %s)", starts, first, second)
 		}
 		if _, ok := a["oldest.3.held"]; ok {
 			t.Error("a third checkout listed; only two connections exist")
@@ -217,4 +241,117 @@ func TestPoolExhausted(t *testing.T) {
 		cancel()
 		wg.Wait()
 	})
+}
+
+// monitors counts the goroutines running a connector's monitor.
+func monitors() int {
+	buf := make([]byte, 1<<16)
+	for {
+		n := runtime.Stack(buf, true)
+		if n < len(buf) {
+			return strings.Count(string(buf[:n]), "resilientpg.(*Connector).runMonitor(")
+		}
+		buf = make([]byte, 2*len(buf))
+	}
+}
+
+// TestMonitorOnlyWhenNeeded: the background goroutine runs only for leak
+// detection or the exhaustion watch, and the watch (one db.Stats poll a
+// second) only while logging is on or metrics are read (StatsOf), for a
+// *sql.DB the package opened. With leak detection and logging off, an
+// exhausted pool starts nothing and is not reported until StatsOf is
+// called; there is never more than one goroutine per connector, and none
+// after db.Close.
+func TestMonitorOnlyWhenNeeded(t *testing.T) {
+	cases := []struct {
+		name        string
+		mod         func(*Options)
+		logged      bool
+		foreign     bool // sql.OpenDB over NewConnector: the connector cannot read db.Stats
+		atOpen      int  // monitor goroutines right after opening
+		whenFull    int  // after the pool was exhausted for 2.5 s
+		reported    int64
+		afterStats  int // after StatsOf and 2.5 s more
+		reportedNow int64
+	}{
+		{name: "off", atOpen: 0, whenFull: 0, reported: 0, afterStats: 1, reportedNow: 1},
+		{name: "leak-detection-only", mod: func(o *Options) { o.LeakThreshold = time.Minute },
+			atOpen: 0, whenFull: 1, reported: 0, afterStats: 1, reportedNow: 1},
+		{name: "logging", logged: true, atOpen: 1, whenFull: 1, reported: 1, afterStats: 1, reportedNow: 1},
+		{name: "logging-foreign-db", logged: true, foreign: true, atOpen: 0, whenFull: 0, reported: 0, afterStats: 0, reportedNow: 0},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				base := monitors()
+				o := opts(tc.mod)
+				if tc.logged {
+					o, _ = logged(LogWarn, tc.mod)
+				}
+				f := &fakeConnector{shape: shapePgx}
+				var db *sql.DB
+				if tc.foreign {
+					c, err := NewConnector(f, o)
+					if err != nil {
+						t.Fatal(err)
+					}
+					db = sql.OpenDB(c)
+				} else {
+					var err error
+					if db, err = OpenDB(f, o); err != nil {
+						t.Fatal(err)
+					}
+				}
+				defer db.Close()
+				c := connectorOf(db)
+				synctest.Wait()
+				if n := monitors() - base; n != tc.atOpen {
+					t.Errorf("after open: %d monitor goroutines, want %d", n, tc.atOpen)
+				}
+
+				db.SetMaxOpenConns(2)
+				ctx := context.Background()
+				for range 2 {
+					rows, err := db.QueryContext(ctx, "SELECT 1")
+					if err != nil {
+						t.Fatal(err)
+					}
+					defer rows.Close()
+				}
+				wctx, cancel := context.WithTimeout(ctx, time.Minute)
+				defer cancel()
+				var wg sync.WaitGroup
+				for range 5 {
+					wg.Go(func() { db.ExecContext(wctx, "SELECT 1") })
+				}
+				time.Sleep(2500 * time.Millisecond)
+				if n := monitors() - base; n != tc.whenFull {
+					t.Errorf("pool exhausted: %d monitor goroutines, want %d", n, tc.whenFull)
+				}
+				// c.Stats, not StatsOf: reading metrics turns the watch on.
+				if got := c.Stats().PoolExhausted; got != tc.reported {
+					t.Errorf("PoolExhausted = %d before any StatsOf, want %d", got, tc.reported)
+				}
+
+				if _, ok := StatsOf(db); !ok {
+					t.Fatal("StatsOf: no wrapper")
+				}
+				time.Sleep(2500 * time.Millisecond)
+				if n := monitors() - base; n != tc.afterStats {
+					t.Errorf("after StatsOf: %d monitor goroutines, want %d", n, tc.afterStats)
+				}
+				if got := c.Stats().PoolExhausted; got != tc.reportedNow {
+					t.Errorf("PoolExhausted = %d after StatsOf, want %d", got, tc.reportedNow)
+				}
+
+				cancel()
+				wg.Wait()
+				db.Close()
+				synctest.Wait()
+				if n := monitors() - base; n != 0 {
+					t.Errorf("after db.Close: %d monitor goroutines, want 0", n)
+				}
+			})
+		})
+	}
 }

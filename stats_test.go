@@ -6,9 +6,14 @@ import (
 	"database/sql/driver"
 	"errors"
 	"io"
+	"log/slog"
+	"sync"
 	"testing"
 	"testing/synctest"
 	"time"
+
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/stdlib"
 )
 
 // TestDiscardCounts: every checkout rejection is counted under its reason,
@@ -225,6 +230,267 @@ func TestEverySessionEnded(t *testing.T) {
 				if err := w.ResetSession(context.Background()); !errors.Is(err, ErrInvalidated) {
 					t.Errorf("an older connection after the invalidation: %v, want ErrInvalidated", err)
 				}
+			}
+		})
+	}
+}
+
+// TestLeftInTxCounts: a pgx connection still inside a transaction (the
+// server's own ReadyForQuery status, from a fake backend) is refused at
+// return and discarded at checkout, each counted as left_in_tx where it
+// happened and logged as conn.discarded with that reason and place.
+func TestLeftInTxCounts(t *testing.T) {
+	srv := newWireServer(t, "\x00never") // no query starts with it: the backend never dies
+	for _, at := range []string{"checkout", "return"} {
+		t.Run(at, func(t *testing.T) {
+			o, rec := logged(LogDebug, nil)
+			c, err := NewConnector(stdlib.GetDefaultDriver(), o, srv.dsn())
+			if err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			dc, err := c.Connect(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			w := dc.(*conn)
+			defer w.Close()
+			if w.pg == nil {
+				t.Fatal("the wrapper did not find pgx's connection")
+			}
+			if _, err := w.ExecContext(ctx, "BEGIN", nil); err != nil {
+				t.Fatal(err)
+			}
+			if st := w.pg.TxStatus(); st != 'T' {
+				t.Fatalf("precondition: transaction status %q after BEGIN, want 'T'", st)
+			}
+			if at == "return" {
+				if w.IsValid() {
+					t.Fatal("IsValid = true for a connection inside a transaction")
+				}
+			} else if err := w.ResetSession(ctx); !errors.Is(err, ErrLeftInTx) {
+				t.Fatalf("checkout of a connection inside a transaction: %v, want ErrLeftInTx", err)
+			}
+			s := c.Stats()
+			counted, other := s.Discards, s.ReturnsRejected
+			if at == "return" {
+				counted, other = s.ReturnsRejected, s.Discards
+			}
+			if counted[DiscardLeftInTx] != 1 || counted.Total() != 1 || other.Total() != 0 {
+				t.Errorf("discards at checkout %v, refused at return %v; want exactly one left_in_tx at %s",
+					s.Discards, s.ReturnsRejected, at)
+			}
+			recs := rec.Events("conn.discarded")
+			if len(recs) != 1 || recs[0].Attrs["reason"].String() != "left_in_tx" || recs[0].Attrs["at"].String() != at {
+				t.Errorf("conn.discarded records %+v, want one with reason left_in_tx at %s", recs, at)
+			}
+		})
+	}
+}
+
+// timedConnector takes a given time per Connect and fails the ones given
+// an error, so connect time is known exactly in a synctest bubble.
+type timedConnector struct {
+	*fakeConnector
+	mu    sync.Mutex
+	steps []timedStep
+}
+
+type timedStep struct {
+	took time.Duration
+	err  error
+}
+
+func (tc *timedConnector) Connect(ctx context.Context) (driver.Conn, error) {
+	tc.mu.Lock()
+	st := tc.steps[0]
+	tc.steps = tc.steps[1:]
+	tc.mu.Unlock()
+	time.Sleep(st.took)
+	if st.err != nil {
+		return nil, st.err
+	}
+	return tc.fakeConnector.Connect(ctx)
+}
+
+// TestConnectTime: every dial's time is added to ConnectTime, failed ones
+// and probes included; nothing else is.
+func TestConnectTime(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		tc := &timedConnector{fakeConnector: &fakeConnector{shape: shapePgx}, steps: []timedStep{
+			{took: 250 * time.Millisecond}, {took: 150 * time.Millisecond},
+			{took: 100 * time.Millisecond, err: errRefused}, // closes the gate: fails fast
+			{took: 50 * time.Millisecond},                   // the probe
+		}}
+		c, err := NewConnector(tc, opts(func(o *Options) { o.ConnectWait = 0 }))
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx := context.Background()
+		for i := range 2 {
+			if _, err := c.Connect(ctx); err != nil {
+				t.Fatalf("connect %d: %v", i, err)
+			}
+		}
+		if s := c.Stats(); s.ConnectTime != 400*time.Millisecond || s.ConnectAttempts != 2 {
+			t.Errorf("after two connects of 250 and 150 ms: ConnectTime %v, attempts %d; want 400ms, 2", s.ConnectTime, s.ConnectAttempts)
+		}
+		if _, err := c.Connect(ctx); err == nil {
+			t.Fatal("a refused connect succeeded")
+		}
+		time.Sleep(time.Second) // the gate's probe is due
+		if _, err := c.Connect(ctx); err != nil {
+			t.Fatalf("probe: %v", err)
+		}
+		s := c.Stats()
+		if s.ConnectTime != 550*time.Millisecond || s.ConnectAttempts != 4 || s.Gate.Probes != 1 ||
+			s.ConnectFailures[ClassCannotConnect] != 1 || s.ConnectFailures.Total() != 1 {
+			t.Errorf("ConnectTime %v, attempts %d, probes %d, failures %v; want 550ms (the failed dial's 100ms included), 4, 1, one cannot_connect",
+				s.ConnectTime, s.ConnectAttempts, s.Gate.Probes, s.ConnectFailures)
+		}
+	})
+}
+
+// TestPingTime: checkout pings are counted with their total and slowest
+// time; a ping that fails at resilient_ping_timeout adds that time, and
+// counts as a failure.
+func TestPingTime(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		c, f := newFakeConnector(shapePgx, opts(func(o *Options) {
+			o.Ping, o.PingTimeout = PingAlways, 500*time.Millisecond
+		}))
+		w, fc := connect(c, f)
+		takes := []time.Duration{100 * time.Millisecond, 300 * time.Millisecond, 200 * time.Millisecond, time.Hour}
+		fc.pingErr = func(ctx context.Context) error {
+			d := takes[0]
+			takes = takes[1:]
+			select {
+			case <-time.After(d):
+				return nil
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}
+		ctx := context.Background()
+		for i := range 3 {
+			w.IsValid()
+			if err := w.ResetSession(ctx); err != nil {
+				t.Fatalf("checkout %d: %v", i, err)
+			}
+		}
+		s := c.Stats()
+		if s.Pings != 3 || s.PingFailures != 0 || s.PingTime != 600*time.Millisecond || s.PingTimeMax != 300*time.Millisecond {
+			t.Errorf("pings %d (%d failed), total %v, max %v; want 3 (0), 600ms, 300ms", s.Pings, s.PingFailures, s.PingTime, s.PingTimeMax)
+		}
+		w.IsValid()
+		if err := w.ResetSession(ctx); err == nil {
+			t.Fatal("a ping past resilient_ping_timeout passed")
+		}
+		s = c.Stats()
+		if s.Pings != 4 || s.PingFailures != 1 || s.PingTime != 1100*time.Millisecond || s.PingTimeMax != 500*time.Millisecond ||
+			s.Discards[DiscardPingFailed] != 1 {
+			t.Errorf("after a timed-out ping: pings %d (%d failed), total %v, max %v, discards %v; want 4 (1), 1.1s, 500ms, one ping_failed",
+				s.Pings, s.PingFailures, s.PingTime, s.PingTimeMax, s.Discards)
+		}
+	})
+}
+
+// TestGateFailedFast: with resilient_connect_wait=0 every Connect made
+// while the server is known down fails at once with a ServerDownError and
+// is counted, without dialing; callers allowed to wait for the probe are
+// not counted.
+func TestGateFailedFast(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		c, f := newFakeConnector(shapePgx, opts(func(o *Options) { o.ConnectWait = 0 }))
+		f.setConnectErr(errRefused)
+		ctx := context.Background()
+		for i := range 3 {
+			_, err := c.Connect(ctx)
+			var sd *ServerDownError
+			if !errors.As(err, &sd) {
+				t.Fatalf("connect %d while down: %v, want a ServerDownError", i, err)
+			}
+		}
+		s := c.Stats()
+		if s.Gate.FailedFast != 3 || s.ConnectAttempts != 1 || s.Gate.State != ServerDown || s.Gate.Outages != 1 {
+			t.Errorf("failed fast %d, attempts %d, state %v, outages %d; want 3, 1 (the dial that closed the gate), down, 1",
+				s.Gate.FailedFast, s.ConnectAttempts, s.Gate.State, s.Gate.Outages)
+		}
+	})
+	synctest.Test(t, func(t *testing.T) {
+		c, f := newFakeConnector(shapePgx, opts(func(o *Options) { o.ConnectWait = 10 * time.Second }))
+		f.setConnectErr(errRefused)
+		go func() {
+			time.Sleep(300 * time.Millisecond)
+			f.setConnectErr(nil)
+		}()
+		var wg sync.WaitGroup
+		for range 3 {
+			wg.Go(func() {
+				if _, err := c.Connect(context.Background()); err != nil {
+					t.Errorf("a caller allowed to wait failed: %v", err)
+				}
+			})
+		}
+		wg.Wait()
+		if s := c.Stats(); s.Gate.FailedFast != 0 || s.Gate.Outages != 1 {
+			t.Errorf("waiting callers: failed fast %d, outages %d; want 0 and 1", s.Gate.FailedFast, s.Gate.Outages)
+		}
+	})
+}
+
+// TestReadOnlyRetryCount: a write rejected by a demoted primary, run again
+// by database/sql on a new connection, counts one read_only retry, one
+// read-only statement failure and one read_only invalidation, and logs
+// pool.invalidated at warn with cause read_only. Without rejection the
+// same error is an ordinary failure: nothing retried.
+func TestReadOnlyRetryCount(t *testing.T) {
+	readOnly := &pgconn.PgError{Code: "25006", Message: "cannot execute INSERT in a read-only transaction"}
+	for _, reject := range []bool{true, false} {
+		t.Run(map[bool]string{true: "reject", false: "allow"}[reject], func(t *testing.T) {
+			o, rec := logged(LogWarn, func(o *Options) {
+				o.RejectReadOnly = ReadOnlyAllow
+				if reject {
+					o.RejectReadOnly = ReadOnlyReject
+				}
+			})
+			c, f := newFakeConnector(shapePgx, o)
+			f.onNew = func(fc *fakeConn) {
+				if fc.id < 3 {
+					fc.execErr = readOnly
+				}
+			}
+			db := sql.OpenDB(c)
+			defer db.Close()
+			db.SetMaxIdleConns(5)
+			holdAndRelease(t, db, 3)
+			_, err := db.ExecContext(context.Background(), "INSERT INTO t VALUES (1)")
+			s := c.Stats()
+			if s.StatementFailures[ClassReadOnly] != 1 || s.StatementFailures.Total() != 1 {
+				t.Errorf("statement failures %v, want one read_only", s.StatementFailures)
+			}
+			if !reject {
+				if !errors.Is(err, readOnly) {
+					t.Errorf("exec: %v, want the read-only error", err)
+				}
+				if s.Retries != (RetryCounts{}) || s.Invalidations.Total() != 0 || len(rec.Events("pool.invalidated")) != 0 {
+					t.Errorf("not rejecting: retries %v, invalidations %v; want none", s.Retries, s.Invalidations)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("write after failover: %v", err)
+			}
+			if s.Retries[ReasonReadOnly] != 1 || s.Retries.Retried() != 1 || sum(s.Retries[:]) != 1 {
+				t.Errorf("retries %v, want exactly one, read_only", s.Retries)
+			}
+			if s.Invalidations[InvalidReadOnly] != 1 || s.Invalidations.Total() != 1 {
+				t.Errorf("invalidations %v, want one read_only", s.Invalidations)
+			}
+			recs := rec.Events("pool.invalidated")
+			if len(recs) != 1 || recs[0].Level != slog.LevelWarn || recs[0].Attrs["cause"].String() != "read_only" {
+				t.Errorf("pool.invalidated records %+v, want one at warn with cause read_only", recs)
 			}
 		})
 	}

@@ -77,7 +77,9 @@ func TestRegisterMapsEveryField(t *testing.T) {
 	}
 	for i, l := range killtest.NotRetriedLabels {
 		want["resilientpg.statement.not_retried{reason="+l+"}"] = float64(600 + i)
-		want["resilientpg.statement.retries{reason="+killtest.RetriedLabels[i]+"}"] = float64(603 + i)
+	}
+	for i, l := range killtest.RetriedLabels {
+		want["resilientpg.statement.retries{reason="+l+"}"] = float64(600 + len(killtest.NotRetriedLabels) + i)
 	}
 	for i, l := range killtest.CauseLabels {
 		want["resilientpg.invalidations{cause="+l+"}"] = float64(700 + i)

@@ -53,7 +53,9 @@ func TestCollectorMapsEveryField(t *testing.T) {
 	}
 	for i, l := range killtest.NotRetriedLabels {
 		want[`resilientpg_statements_not_retried_total{reason="`+l+`"}`] = float64(600 + i)
-		want[`resilientpg_statement_retries_total{reason="`+killtest.RetriedLabels[i]+`"}`] = float64(603 + i)
+	}
+	for i, l := range killtest.RetriedLabels {
+		want[`resilientpg_statement_retries_total{reason="`+l+`"}`] = float64(600 + len(killtest.NotRetriedLabels) + i)
 	}
 	for i, l := range killtest.CauseLabels {
 		want[`resilientpg_invalidations_total{cause="`+l+`"}`] = float64(700 + i)

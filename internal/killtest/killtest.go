@@ -1,7 +1,9 @@
-// Package killtest is the real-server scenario the exporter modules share:
+// Package killtest is the real-server scenarios the exporter modules share:
 // throwaway PostgreSQL and MariaDB servers (or the ones the environment
-// names), and a pool of 10 whose every session is killed from the server
-// side, so that the wrapper's counters have known values to read back.
+// names), and pools of 10 that meet a known fault (every session killed
+// from the server side, a server restart, every connection black-holed;
+// see Faults), so that the wrapper's counters have known values to read
+// back.
 package killtest
 
 import (
@@ -37,6 +39,13 @@ var servers struct {
 	my             *faultlab.MariaDB
 	pgDSN, myDSN   string
 	pgErr, myErr   error
+
+	// Servers started for the faults when the environment names the
+	// servers above, which cannot be restarted from here (faults.go).
+	pgOwnOnce, myOwnOnce sync.Once
+	pgOwn                *faultlab.Postgres
+	myOwn                *faultlab.MariaDB
+	pgOwnErr, myOwnErr   error
 }
 
 // Main is the test binary's TestMain: it runs the tests, then removes the
@@ -51,6 +60,12 @@ func Main(m *testing.M) {
 	}
 	if servers.my != nil {
 		servers.my.Close()
+	}
+	if servers.pgOwn != nil {
+		servers.pgOwn.Close()
+	}
+	if servers.myOwn != nil {
+		servers.myOwn.Close()
 	}
 	os.Exit(code)
 }

@@ -9,7 +9,7 @@ var (
 	ClassLabels = []string{"other", "canceled", "conn_lost", "shutdown", // index 1 on: "none" is left out
 		"cannot_connect", "session_timeout", "read_only", "serialization", "auth"}
 	NotRetriedLabels = []string{"may_have_run", "in_tx", "retry_off"}
-	RetriedLabels    = []string{"not_sent", "read_only", "idempotent"}
+	RetriedLabels    = []string{"not_sent", "read_only", "idempotent", "unavailable"}
 	CauseLabels      = []string{"crash", "restart", "read_only", "shutdown"}
 	TxCauseLabels    = []string{"serialization", "deadlock", "conn_lost", "unique", "extra"}
 )
