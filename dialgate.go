@@ -36,16 +36,21 @@ const (
 // after a capped, fully jittered backoff, and the others wait for its
 // outcome instead of dialing. The first successful probe opens the gate.
 type dialGate struct {
-	mu        sync.Mutex
-	state     gateState     // guarded by mu
-	probe     chan struct{} // guarded by mu: closed when the running probe ends; nil when none runs
-	notBefore time.Time     // guarded by mu: the next probe waits until then
-	since     time.Time     // guarded by mu: when the gate closed
-	bo        backoff       // guarded by mu
-	lastErr   error         // guarded by mu: the error that closed the gate, or the last probe's
-	restarted bool          // guarded by mu: a refusal was seen while down, so recovery means a new server
-	roundTrip bool          // guarded by mu: a pooler said it has no server; a probe must get a statement through
-	interval  time.Duration // the probe interval after a cheap refusal (Options.ProbeInterval)
+	mu         sync.Mutex
+	state      gateState          // guarded by mu
+	probing    int                // guarded by mu: probes running
+	probeAt    time.Time          // guarded by mu: when the newest probe began, or begins, to dial
+	changed    chan struct{}      // guarded by mu: closed, and replaced, whenever a probe ends
+	opened     context.Context    // guarded by mu: ends when the gate opens; running probes stop then
+	openProbes context.CancelFunc // guarded by mu: ends opened
+	patience   time.Duration      // guarded by mu: the current bound of one probe; see probeTimeout
+	notBefore  time.Time          // guarded by mu: the next probe waits until then
+	since      time.Time          // guarded by mu: when the gate closed
+	bo         backoff            // guarded by mu
+	lastErr    error              // guarded by mu: the error that closed the gate, or the last probe's
+	restarted  bool               // guarded by mu: a refusal was seen while down, so recovery means a new server
+	roundTrip  bool               // guarded by mu: a pooler said it has no server; a probe must get a statement through
+	interval   time.Duration      // the probe interval after a cheap refusal (Options.ProbeInterval)
 
 	suspectAt  time.Time  // guarded by mu: when the gate last turned suspect
 	lastFail   time.Time  // guarded by mu: the last failed dial while closed
@@ -104,49 +109,104 @@ func (c *Connector) Connect(ctx context.Context) (driver.Conn, error) {
 		if g.state == gateDown && waitingSince.IsZero() {
 			waitingSince = now
 		}
-		// Out of patience: fail at once, unless a probe is due and nobody
-		// runs it, since only a probe can open the gate again.
+		// A probe may start when none runs (it then waits for its time),
+		// or, as a hedge, when the newest one has been dialing for
+		// hedgeAfter: a connect held by a proxy in front of a server that
+		// is away (HAProxy retries a refused backend for seconds) must not
+		// hold up the probe that would find the server back.
+		hedgeAt := g.probeAt.Add(g.hedgeAfter())
+		probeDue := g.probing == 0 ||
+			g.probing < maxProbes && !now.Before(hedgeAt) && !now.Before(g.notBefore)
+		// Out of patience: fail at once, unless a probe is due, since only
+		// a probe can open the gate again.
 		impatient := g.state == gateDown && (c.opts.ConnectWait == 0 || now.Sub(waitingSince) > c.opts.ConnectWait)
-		probeDue := g.probe == nil && !now.Before(g.notBefore)
-		if impatient && !probeDue {
+		if impatient && !(probeDue && !now.Before(g.notBefore)) {
 			err := &ServerDownError{Since: g.since, Attempts: attempts, Err: g.lastErr}
 			g.mu.Unlock()
 			c.stats.failedFast.Add(1)
 			return nil, err
 		}
-		if ch := g.probe; ch != nil {
+		if g.changed == nil {
+			g.changed = make(chan struct{})
+		}
+		if !probeDue {
+			ch := g.changed
+			var hedge *time.Timer
+			var hedgeC <-chan time.Time
+			if g.probing < maxProbes {
+				hedge = time.NewTimer(max(hedgeAt.Sub(now), g.notBefore.Sub(now)))
+				hedgeC = hedge.C
+			}
 			g.mu.Unlock()
 			if !waited {
 				waited = true
 				c.stats.waited.Add(1)
 			}
+			var done bool
 			select {
-			case <-ch:
-				continue // the probe ended: the gate is open, or it is our turn
+			case <-ch: // a probe ended: the gate is open, or a probe is due
+			case <-hedgeC: // the running probes are slow: one more may start
 			case <-ctx.Done():
+				done = true
+			}
+			if hedge != nil {
+				hedge.Stop()
+			}
+			if done {
 				return nil, c.waitErr(ctx, attempts)
 			}
+			continue
 		}
-		// This caller probes; the others wait on ch.
-		ch := make(chan struct{})
-		g.probe = ch
+		// This caller probes; the others wait for a probe to end.
 		wait := g.notBefore.Sub(now)
+		g.probing++
+		g.probeAt = now.Add(max(wait, 0))
+		if g.opened == nil {
+			g.opened, g.openProbes = context.WithCancel(context.Background())
+		}
+		// A probe still hanging when another found the server back is
+		// called off: its caller then dials like anyone else.
+		pctx, stop := context.WithCancel(ctx)
+		stopOnOpen := context.AfterFunc(g.opened, stop)
+		timeout := g.probeTimeout(c.opts.PingTimeout, c.opts.ConnectTimeout)
 		g.mu.Unlock()
 
-		err := sleepCtx(ctx, wait)
+		err := sleepCtx(pctx, wait)
 		var inner driver.Conn
 		var d dialed
 		probed := err == nil
 		if probed {
 			attempts++
 			c.stats.probes.Add(1)
-			inner, d, err = c.probe(ctx)
+			tctx, cancel := context.WithTimeout(pctx, timeout)
+			inner, d, err = c.probe(tctx)
+			if err != nil && tctx.Err() == context.DeadlineExceeded && pctx.Err() == nil {
+				err = &connectTimeoutError{timeout: timeout, err: err}
+			}
+			cancel()
 		}
+		stopOnOpen()
+		stop()
 		g.mu.Lock()
-		g.probe = nil
-		close(ch)
+		if errors.As(err, new(*connectTimeoutError)) {
+			g.patience = min(2*timeout, c.opts.ConnectTimeout)
+		}
+		g.probing--
+		close(g.changed)
+		g.changed = make(chan struct{})
 		if probed {
 			g.outProbes++
+		}
+		if g.state == gateOpen {
+			// Another probe found the server first.
+			g.mu.Unlock()
+			if err == nil {
+				return c.wrap(inner, d), nil
+			}
+			if ctx.Err() != nil {
+				return nil, c.waitErr(ctx, attempts)
+			}
+			continue // dial as anyone would now
 		}
 		switch {
 		case err == nil:
@@ -178,6 +238,46 @@ func (c *Connector) Connect(ctx context.Context) (driver.Conn, error) {
 		g.mu.Unlock()
 	}
 }
+
+// probeTimeout bounds one probe. A connect can hang without the server
+// being involved at all: HAProxy holds a connect to a backend that just
+// died while it retries it (retries 3, a second apart, by default), and
+// the probe that would find the new primary must not wait behind that. A
+// probe therefore gets the checkout ping's bound, doubled after each one
+// that ran out of it (up to resilient_connect_timeout), so that a server
+// that takes seconds to accept (a serverless one resuming) is still
+// reached. mu is held.
+func (g *dialGate) probeTimeout(initial, most time.Duration) time.Duration {
+	if g.patience == 0 {
+		g.patience = min(initial, most)
+	}
+	return g.patience
+}
+
+// connectTimeoutError is a connect that ran out of its own bound (a
+// probe's, or pgx's connect_timeout per host) while the caller's context
+// still had time: the address did not answer in time, which says nothing
+// about the caller and is retried like a refusal.
+type connectTimeoutError struct {
+	timeout time.Duration // 0: pgx's connect_timeout
+	err     error
+}
+
+func (e *connectTimeoutError) Error() string {
+	if e.timeout == 0 {
+		return "resilientpg: connect timed out: " + e.err.Error()
+	}
+	return "resilientpg: connect timed out after " + e.timeout.String() + ": " + e.err.Error()
+}
+func (e *connectTimeoutError) Unwrap() error { return e.err }
+
+// maxProbes bounds the probes a connector runs at once: one, plus hedges
+// while the running ones hang (see Connect).
+const maxProbes = 16
+
+// hedgeAfter is how long a probe may dial before another may start beside
+// it: far longer than a connect takes on a path that works.
+func (g *dialGate) hedgeAfter() time.Duration { return 8 * g.interval }
 
 // probe is the dial of a probe. While a pooler has said it has no server,
 // the pooler itself accepts connects, so the probe also makes a round
@@ -303,6 +403,9 @@ const (
 )
 
 func probeKindOf(err error) probeKind {
+	if _, ok := asType[*connectTimeoutError](err); ok {
+		return probeRefused // held by something in the way, or black-holed: no server work
+	}
 	if _, ok := asType[*targetMismatchError](err); ok {
 		return probeSoon // a live server of the wrong role: its peer may be promoted any moment
 	}
@@ -362,7 +465,11 @@ func (g *dialGate) open() {
 		g.c.ev.emit(evServerUp, slog.LevelInfo, "resilientpg: server reachable again",
 			slog.Duration("downtime", down), slog.Int64("probes", g.outProbes))
 	}
-	g.state, g.restarted, g.roundTrip, g.lastErr = gateOpen, false, false, nil
+	g.state, g.restarted, g.roundTrip, g.lastErr, g.patience = gateOpen, false, false, nil, 0
+	if g.opened != nil {
+		g.openProbes()
+		g.opened, g.openProbes = nil, nil
+	}
 	g.down.Store(false)
 	g.suspectUntil.Store(0)
 	g.bo.reset()
@@ -415,6 +522,9 @@ func (c *Connector) dialOnce(ctx context.Context, use *credUse) (driver.Conn, di
 	start := time.Now()
 	conn, err := c.inner.Connect(ctx)
 	c.stats.connectNanos.Add(int64(time.Since(start)))
+	if err != nil && ctx.Err() == nil && errors.Is(err, context.DeadlineExceeded) {
+		err = &connectTimeoutError{err: err} // pgx's connect_timeout, per host: not the caller's
+	}
 	if err != nil {
 		class := Classify(err)
 		if isCredentialErr(err) {

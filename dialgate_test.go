@@ -2,6 +2,7 @@ package resilientpg
 
 import (
 	"context"
+	"database/sql/driver"
 	"errors"
 	"fmt"
 	"io"
@@ -320,4 +321,121 @@ func testSideDials(t *testing.T) {
 	if g.sideDialsBlocked(side) {
 		t.Fatal("side dials still skipped a backoff cap after the disconnect")
 	}
+}
+
+// heldConnector is a server behind a proxy that holds every connect made
+// while the server is away for hold (HAProxy retrying a refused backend),
+// then closes it; once the server is back, connects go through at once.
+type heldConnector struct {
+	back  atomic.Bool
+	hold  time.Duration
+	dials atomic.Int64
+}
+
+func (h *heldConnector) Connect(ctx context.Context) (driver.Conn, error) {
+	h.dials.Add(1)
+	if h.back.Load() {
+		return &fakeConn{valid: true}, nil
+	}
+	select {
+	case <-time.After(h.hold):
+		return nil, fmt.Errorf("failed to receive message: %w", io.ErrUnexpectedEOF)
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+func (h *heldConnector) Driver() driver.Driver { return nil }
+
+// TestGateHedgesHeldProbes: a probe held by a proxy must not hold up the
+// one that finds the server back. While the running probes hang, another
+// starts every hedgeAfter, so the first connect after the server is back
+// comes within about that, not when the proxy lets go (3 s later).
+func TestGateHedgesHeldProbes(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h := &heldConnector{hold: 3 * time.Second}
+		c, err := NewConnector(h, opts(nil))
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.gate.mu.Lock()
+		c.gate.close(errRefused) // the server went away
+		c.gate.mu.Unlock()
+		var wg sync.WaitGroup
+		var lastOK atomic.Int64
+		start := time.Now()
+		for range 20 {
+			wg.Go(func() {
+				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				defer cancel()
+				if _, err := c.Connect(ctx); err != nil {
+					t.Errorf("Connect: %v", err)
+					return
+				}
+				lastOK.Store(int64(time.Since(start)))
+			})
+		}
+		back := 2 * time.Second
+		time.Sleep(back)
+		h.back.Store(true)
+		wg.Wait()
+		took := time.Duration(lastOK.Load()) - back
+		hedge := c.gate.hedgeAfter()
+		if took > hedge+50*time.Millisecond {
+			t.Errorf("all callers connected %v after the server was back, want within a hedge (%v)", took, hedge)
+		}
+		if n := h.dials.Load(); n > int64(back/hedge)+25 {
+			t.Errorf("%d dials: want about one per hedge interval while held, then one per caller", n)
+		}
+		t.Logf("connected %v after the server was back; %d dials", took, h.dials.Load())
+	})
+}
+
+// slowConnector accepts every connect, after a while: a server that takes
+// seconds to let a client in (a serverless one resuming).
+type slowConnector struct {
+	delay time.Duration
+	dials atomic.Int64
+}
+
+func (s *slowConnector) Connect(ctx context.Context) (driver.Conn, error) {
+	s.dials.Add(1)
+	select {
+	case <-time.After(s.delay):
+		return &fakeConn{valid: true}, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+func (s *slowConnector) Driver() driver.Driver { return nil }
+
+// TestGateProbePatience: a probe is bounded (resilient_ping_timeout) so
+// that a held connect cannot stall recovery, but the bound doubles after
+// each probe that ran out of it, so a server that takes longer than that
+// to accept is still reached, within the caller's deadline.
+func TestGateProbePatience(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		s := &slowConnector{delay: 3 * time.Second}
+		c, err := NewConnector(s, opts(nil))
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.gate.mu.Lock()
+		c.gate.close(errRefused)
+		c.gate.mu.Unlock()
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		start := time.Now()
+		if _, err := c.Connect(ctx); err != nil {
+			t.Fatalf("Connect: %v", err)
+		}
+		took := time.Since(start)
+		// The first probe gives up at 2 s; the second, allowed 4 s, gets in.
+		if took > 6*time.Second || s.dials.Load() > 3 {
+			t.Errorf("connected after %v and %d dials, want the second or third probe to get in", took, s.dials.Load())
+		}
+		if c.Stats().Gate.State != ServerUp {
+			t.Errorf("gate %v after a probe got in", c.Stats().Gate.State)
+		}
+		t.Logf("connected after %v, %d dials", took, s.dials.Load())
+	})
 }

@@ -97,6 +97,9 @@ func Classify(err error) Class {
 	if _, ok := asType[*CredentialError](err); ok {
 		return ClassAuth // whatever the credentials function's own error wraps
 	}
+	if _, ok := asType[*connectTimeoutError](err); ok {
+		return ClassCannotConnect // a connect's own bound, not the caller's deadline
+	}
 	// The caller's own deadline first: pgconn and mysql report it wrapped in
 	// their own errors, and it says nothing about the server.
 	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {

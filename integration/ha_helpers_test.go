@@ -364,19 +364,20 @@ func (env *scEnv) haStopStart(pools []*scPool, stop func() error, outage time.Du
 }
 
 // watchProbe calls probe every 10 ms (each bounded to 1 s) until it
-// succeeds and delivers when that probe began, relative to t0; -1 after
-// 30 s or when ctx ends.
+// succeeds and delivers when that probe ended, relative to t0: a probe
+// that commits a write can wait inside the server (a synchronous standby
+// being dropped), and the service is up when it returns. -1 after 30 s or
+// when ctx ends.
 func watchProbe(ctx context.Context, t0 time.Time, probe func(context.Context) error) <-chan time.Duration {
 	ch := make(chan time.Duration, 1)
 	go func() {
 		deadline := time.Now().Add(30 * time.Second)
 		for i := 0; i < 3000 && time.Now().Before(deadline) && ctx.Err() == nil; i++ {
-			at := time.Since(t0)
 			pctx, cancel := context.WithTimeout(ctx, time.Second)
 			err := probe(pctx)
 			cancel()
 			if err == nil {
-				ch <- at
+				ch <- time.Since(t0)
 				return
 			}
 			time.Sleep(10 * time.Millisecond)

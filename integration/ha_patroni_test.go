@@ -29,9 +29,14 @@ func TestPatroniLeaderKill(t *testing.T) {
 	haExec(t, haPG, c.DSN("postgres"), "CREATE DATABASE test_ha")
 	dsn := c.DSN("test_ha")
 	haExec(t, haPG, dsn, haPG.haCreateSQL())
+	haExec(t, haPG, dsn, "CREATE TABLE ha_up (at timestamptz NOT NULL)")
 
 	env := newHAEnv(t, haPG)
-	ps := env.haPools(dsn, dsn)
+	// HAProxy's /primary check lags a role change by up to its interval,
+	// and meanwhile routes to a node that is no longer (or not yet) the
+	// primary: target_session_attrs=read-write makes each connect check,
+	// and turns on the wrapper's read-only rejection (both pools get it).
+	ps := env.haPools(dsn+"&target_session_attrs=read-write", dsn+"&target_session_attrs=read-write")
 	env.warm(ps, "SELECT 1")
 	leader, err := c.Leader(env.ctx)
 	if err != nil {
@@ -76,20 +81,21 @@ func TestPatroniLeaderKill(t *testing.T) {
 	}
 }
 
-// writableThrough opens a fresh session on dsn and checks it is on a
-// primary, as an independent measure of when the failover is done.
+// writableThrough opens a fresh session on dsn and commits a write, as an
+// independent measure of when the failover is done: with synchronous_mode
+// the new leader completes commits only once Patroni has dropped its lost
+// synchronous standby, which can come a loop after the promotion.
 func writableThrough(ctx context.Context, dsn string) error {
 	conn, err := pgx.Connect(ctx, dsn+"&connect_timeout=1")
 	if err != nil {
 		return err
 	}
 	defer conn.Close(context.Background())
-	var rec bool
-	if err := conn.QueryRow(ctx, "SELECT pg_is_in_recovery()").Scan(&rec); err != nil {
-		return err
-	}
-	if rec {
-		return fmt.Errorf("reached a standby")
-	}
-	return nil
+	// Not cancelled by the probe's 1 s bound: a cancelled wait for the
+	// synchronous standby returns success (committed locally, with a
+	// warning), which would date "up" before writes really commit.
+	wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	defer cancel()
+	_, err = conn.Exec(wctx, "INSERT INTO ha_up VALUES (now())")
+	return err
 }
