@@ -15,11 +15,10 @@ import (
 // interfaces database/sql looks for, and where the inner conn lacks one it
 // does exactly what database/sql would do without it (the fallbacks are
 // copied from database/sql's ctxutil.go), so wrapping never changes
-// behaviour; otelsql's conn.go is the model. Rows are the inner driver's
-// own, returned untouched, so driver-specific interfaces on them
-// (ColumnType*, RowsNextResultSet) keep working. Stmt and Tx are wrapped,
-// for correctness (see stmt and tx), with the same care for the optional
-// interfaces.
+// behaviour; otelsql's conn.go is the model. Stmt and Tx are wrapped, and
+// Rows inside a transaction, for correctness (see stmt, tx and txRows),
+// with the same care for the optional interfaces; other Rows are the inner
+// driver's own, returned untouched.
 //
 // Fields without a comment are fixed at connect. The others are guarded by
 // database/sql's driverConn lock, which serialises every call on a conn.
@@ -248,7 +247,7 @@ func (c *conn) QueryContext(ctx context.Context, query string, args []driver.Nam
 		if err != nil {
 			return nil, c.handleErr(ctx, err, inTx)
 		}
-		return r, nil
+		return c.wrapRows(r, inTx), nil
 	}
 	if c.queryer == nil {
 		return nil, driver.ErrSkip
@@ -264,7 +263,7 @@ func (c *conn) QueryContext(ctx context.Context, query string, args []driver.Nam
 	if err != nil {
 		return nil, c.handleErr(ctx, err, inTx)
 	}
-	return r, nil
+	return c.wrapRows(r, inTx), nil
 }
 
 // CheckNamedValue forwards, or returns ErrSkip, which sends database/sql on

@@ -86,7 +86,7 @@ func (s *stmt) Query(args []driver.Value) (driver.Rows, error) {
 	if err != nil {
 		return nil, s.c.handleErr(context.Background(), err, inTx)
 	}
-	return r, nil
+	return s.c.wrapRows(r, inTx), nil
 }
 
 // ExecContext forwards, or does what database/sql's ctxDriverStmtExec does.
@@ -138,7 +138,7 @@ func (s *stmt) QueryContext(ctx context.Context, args []driver.NamedValue) (driv
 	if err != nil {
 		return nil, s.c.handleErr(ctx, err, inTx)
 	}
-	return r, nil
+	return s.c.wrapRows(r, inTx), nil
 }
 
 // CheckNamedValue does what database/sql does for a statement that is not
