@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"database/sql/driver"
 	"errors"
+	"net"
 	"reflect"
 	"slices"
 	"strings"
@@ -30,6 +31,9 @@ func optsA() resilientpg.Options {
 	o.ConnectTimeout = 12 * time.Second
 	o.ConnectBackoff = 150 * time.Millisecond
 	o.ConnectBackoffMax = 3 * time.Second
+	o.ProbeInterval = 50 * time.Millisecond
+	o.Keepalive = net.KeepAliveConfig{Enable: true, Idle: 20 * time.Second, Interval: 4 * time.Second, Count: 5}
+	o.TCPUserTimeout = 45 * time.Second
 	o.ConnectWait = 5 * time.Second
 	o.Retry = resilientpg.RetryOff
 	o.RejectReadOnly = resilientpg.ReadOnlyReject
@@ -49,6 +53,9 @@ func optsB() resilientpg.Options {
 	o.ConnectTimeout = 20 * time.Second
 	o.ConnectBackoff = 200 * time.Millisecond
 	o.ConnectBackoffMax = 2 * time.Second
+	o.ProbeInterval = 20 * time.Millisecond
+	o.Keepalive = net.KeepAliveConfig{}
+	o.TCPUserTimeout = 0
 	o.ConnectWait = 0
 	o.Retry = resilientpg.RetryOff
 	o.RejectReadOnly = resilientpg.ReadOnlyAllow
@@ -70,6 +77,9 @@ func keysA(pct string) []string {
 		"resilient_connect_timeout=12s",
 		"resilient_connect_backoff=150ms",
 		"resilient_connect_backoff_max=3s",
+		"resilient_probe_interval=50ms",
+		"resilient_keepalive=20s,4s,5",
+		"resilient_tcp_user_timeout=45s",
 		"resilient_connect_wait=5s",
 		"resilient_retry=off",
 		"resilient_reject_read_only=true",
@@ -89,6 +99,9 @@ func keysB() []string {
 		"resilient_connect_timeout=20s",
 		"resilient_connect_backoff=200ms",
 		"resilient_connect_backoff_max=2s",
+		"resilient_probe_interval=20ms",
+		"resilient_keepalive=off",
+		"resilient_tcp_user_timeout=0",
 		"resilient_connect_wait=0s",
 		"resilient_retry=off",
 		"resilient_reject_read_only=false",
