@@ -25,9 +25,13 @@ var optionalConnInterfaces = map[string]reflect.Type{
 	"Validator":          reflect.TypeFor[driver.Validator](),
 }
 
-func implemented(t reflect.Type) map[string]bool {
+// implemented lists which of the conn interfaces t implements.
+func implemented(t reflect.Type) map[string]bool { return implementedOf(t, optionalConnInterfaces) }
+
+// implementedOf lists which of set's interfaces t implements.
+func implementedOf(t reflect.Type, set map[string]reflect.Type) map[string]bool {
 	got := map[string]bool{}
-	for name, it := range optionalConnInterfaces {
+	for name, it := range set {
 		if t.Implements(it) {
 			got[name] = true
 		}

@@ -22,15 +22,7 @@ var optionalStmtInterfaces = map[string]reflect.Type{
 	"ColumnConverter":   reflect.TypeFor[driver.ColumnConverter](), //lint:ignore SA1019 checked on purpose
 }
 
-func stmtInterfaces(t reflect.Type) map[string]bool {
-	got := map[string]bool{}
-	for name, it := range optionalStmtInterfaces {
-		if t.Implements(it) {
-			got[name] = true
-		}
-	}
-	return got
-}
+func stmtInterfaces(t reflect.Type) map[string]bool { return implementedOf(t, optionalStmtInterfaces) }
 
 // TestPgxStmtInterfaces pins pgx's *stdlib.Stmt; a pgx upgrade that changes
 // it needs a look at stmt.go.
