@@ -242,12 +242,7 @@ func checkOptions(o *Options, poolSizing bool) error {
 		return err
 	}
 	if o.tcpChanged() {
-		key, v := keyKeepalive, keepaliveString(o.Keepalive)
-		if o.Keepalive == defaultKeepalive {
-			key, v = keyTCPUserTimeout, o.TCPUserTimeout.String()
-		}
-		return &ConfigError{Key: key, Value: v,
-			Allowed: "the default with a connector you built (it dials with its own dialer); the TCP settings apply to the resilientpg and resilientmysql drivers and to pgx or go-sql-driver/mysql DSNs"}
+		return o.tcpUnapplicable("the default with a connector you built (it dials with its own dialer); the TCP settings apply to the resilientpg and resilientmysql drivers and to pgx or go-sql-driver/mysql DSNs")
 	}
 	if o.hasCredentials() {
 		key, v := keyPasswordFile, o.PasswordFile
@@ -396,6 +391,8 @@ func mysqlConnector(c *Connector, dsn string, poolSizing bool) (driver.Connector
 		cfg.DialFunc = captureDial(cfg.DialFunc)
 	case cfg.Net == "tcp" || cfg.Net == "tcp4" || cfg.Net == "tcp6" || cfg.Net == "unix":
 		cfg.DialFunc = captureDial(dialer(&c.opts).DialContext)
+	case c.opts.tcpChanged():
+		return nil, c.opts.tcpUnapplicable("the default with a network registered by mysql.RegisterDialContext (" + cfg.Net + "), which dials with its own dialer")
 	}
 	c.captureSock = cfg.DialFunc != nil
 	c.plaintext = cfg.TLS == nil

@@ -115,12 +115,12 @@ func (c *Connector) Connect(ctx context.Context) (driver.Conn, error) {
 		// is away (HAProxy retries a refused backend for seconds) must not
 		// hold up the probe that would find the server back.
 		hedgeAt := g.probeAt.Add(g.hedgeAfter())
-		probeDue := g.probing == 0 ||
-			g.probing < maxProbes && !now.Before(hedgeAt) && !now.Before(g.notBefore)
+		due := !now.Before(g.notBefore)
+		hedge := g.probing > 0 && g.probing < maxProbes && due && !now.Before(hedgeAt)
 		// Out of patience: fail at once, unless a probe is due, since only
 		// a probe can open the gate again.
 		impatient := g.state == gateDown && (c.opts.ConnectWait == 0 || now.Sub(waitingSince) > c.opts.ConnectWait)
-		if impatient && !(probeDue && !now.Before(g.notBefore)) {
+		if impatient && !(due && (g.probing == 0 || hedge)) {
 			err := &ServerDownError{Since: g.since, Attempts: attempts, Err: g.lastErr}
 			g.mu.Unlock()
 			c.stats.failedFast.Add(1)
@@ -129,7 +129,7 @@ func (c *Connector) Connect(ctx context.Context) (driver.Conn, error) {
 		if g.changed == nil {
 			g.changed = make(chan struct{})
 		}
-		if !probeDue {
+		if g.probing > 0 && !hedge {
 			ch := g.changed
 			var hedge *time.Timer
 			var hedgeC <-chan time.Time
@@ -178,11 +178,8 @@ func (c *Connector) Connect(ctx context.Context) (driver.Conn, error) {
 		if probed {
 			attempts++
 			c.stats.probes.Add(1)
-			tctx, cancel := context.WithTimeout(pctx, timeout)
+			tctx, cancel := context.WithTimeoutCause(pctx, timeout, probeDeadline(timeout))
 			inner, d, err = c.probe(tctx)
-			if err != nil && tctx.Err() == context.DeadlineExceeded && pctx.Err() == nil {
-				err = &connectTimeoutError{timeout: timeout, err: err}
-			}
 			cancel()
 		}
 		stopOnOpen()
@@ -254,6 +251,30 @@ func (g *dialGate) probeTimeout(initial, most time.Duration) time.Duration {
 	return g.patience
 }
 
+// probeDeadline is the cause of a probe's context when its own bound, not
+// the caller's deadline, ended it.
+type probeDeadline time.Duration
+
+func (p probeDeadline) Error() string {
+	return "resilientpg: probe bound of " + time.Duration(p).String() + " reached"
+}
+
+// ownTimeout marks a connect error that came from a connect's own bound,
+// not the caller's deadline: pgx's connect_timeout per host while ctx is
+// alive, or a probe's bound (the cause of ctx).
+func ownTimeout(ctx context.Context, err error) error {
+	if err == nil || !errors.Is(err, context.DeadlineExceeded) {
+		return err
+	}
+	if bound, ok := context.Cause(ctx).(probeDeadline); ok {
+		return &connectTimeoutError{timeout: time.Duration(bound), err: err}
+	}
+	if ctx.Err() == nil {
+		return &connectTimeoutError{err: err}
+	}
+	return err
+}
+
 // connectTimeoutError is a connect that ran out of its own bound (a
 // probe's, or pgx's connect_timeout per host) while the caller's context
 // still had time: the address did not answer in time, which says nothing
@@ -293,7 +314,7 @@ func (c *Connector) probe(ctx context.Context) (driver.Conn, dialed, error) {
 	if rt {
 		if err := roundTrip(ctx, inner); err != nil {
 			inner.Close()
-			return nil, d, err
+			return nil, d, ownTimeout(ctx, err)
 		}
 	}
 	return inner, d, nil
@@ -522,9 +543,7 @@ func (c *Connector) dialOnce(ctx context.Context, use *credUse) (driver.Conn, di
 	start := time.Now()
 	conn, err := c.inner.Connect(ctx)
 	c.stats.connectNanos.Add(int64(time.Since(start)))
-	if err != nil && ctx.Err() == nil && errors.Is(err, context.DeadlineExceeded) {
-		err = &connectTimeoutError{err: err} // pgx's connect_timeout, per host: not the caller's
-	}
+	err = ownTimeout(ctx, err)
 	if err != nil {
 		class := Classify(err)
 		if isCredentialErr(err) {

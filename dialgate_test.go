@@ -436,6 +436,11 @@ func TestGateProbePatience(t *testing.T) {
 		if c.Stats().Gate.State != ServerUp {
 			t.Errorf("gate %v after a probe got in", c.Stats().Gate.State)
 		}
+		// The probe that ran out of its bound counts as the address not
+		// answering, not as a caller giving up.
+		if f := c.Stats().ConnectFailures; f[ClassCannotConnect] != 1 || f[ClassCanceled] != 0 {
+			t.Errorf("connect failures %v, want the timed-out probe under cannot_connect", f)
+		}
 		t.Logf("connected after %v, %d dials", took, s.dials.Load())
 	})
 }

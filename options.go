@@ -327,6 +327,16 @@ func (o *Options) validateTCP() error {
 	return nil
 }
 
+// tcpUnapplicable is the error for changed TCP settings where the wrapper
+// does not dial: it names the first setting changed.
+func (o *Options) tcpUnapplicable(allowed string) error {
+	key, v := keyKeepalive, keepaliveString(o.Keepalive)
+	if o.Keepalive == defaultKeepalive {
+		key, v = keyTCPUserTimeout, o.TCPUserTimeout.String()
+	}
+	return &ConfigError{Key: key, Value: v, Allowed: allowed}
+}
+
 // tcpChanged reports whether the TCP settings differ from the defaults,
 // which only the wrapper's own dialer can apply.
 func (o *Options) tcpChanged() bool {

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/go-sql-driver/mysql"
 	"github.com/jackc/pgx/v5/stdlib"
 )
 
@@ -149,6 +150,18 @@ func TestTCPKeys(t *testing.T) {
 		if o := c.Options(); o.Keepalive != tc.ka || o.TCPUserTimeout != tc.ut {
 			t.Errorf("%s: keepalive %+v, user timeout %v", tc.dsn, o.Keepalive, o.TCPUserTimeout)
 		}
+	}
+	// A network registered with mysql.RegisterDialContext dials with its
+	// own dialer too.
+	mysql.RegisterDialContext("resilientpg_test_net", func(ctx context.Context, addr string) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, "tcp", addr)
+	})
+	if _, err := sql.Open("resilientmysql", "u@resilientpg_test_net(h:3306)/db?resilient_keepalive=off"); err == nil ||
+		!strings.Contains(err.Error(), "RegisterDialContext") {
+		t.Errorf("changed TCP settings with a registered network: %v", err)
+	}
+	if _, err := sql.Open("resilientmysql", "u@resilientpg_test_net(h:3306)/db"); err != nil {
+		t.Errorf("a registered network with the default TCP settings: %v", err)
 	}
 	// A connector built by the caller dials with its own dialer: changed
 	// TCP settings cannot apply and are an error, not ignored.
