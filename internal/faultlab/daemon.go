@@ -71,7 +71,7 @@ func (d *daemon) start() error {
 	// reaches the test binary's group, and a whole tree can be killed.
 	cmd.SysProcAttr.Setpgid = true
 	dieWithParent(cmd.SysProcAttr)
-	proc, err := startLockedThread(cmd)
+	proc, err := startLockedThread(cmd, nil)
 	if err != nil {
 		return fmt.Errorf("faultlab: start %s: %w", d.name, err)
 	}

@@ -3,8 +3,10 @@ package faultlab
 import (
 	"context"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
+	"strconv"
 	"sync"
 )
 
@@ -27,6 +29,7 @@ type MariaDB struct {
 	user      serverUser
 	extraArgs []string
 	logf      func(string, ...any)
+	ns        *Netns // nil: the server listens on 127.0.0.1
 
 	// mu serialises lifecycle changes; proc is the running server, or nil.
 	mu     sync.Mutex
@@ -41,6 +44,10 @@ type MariaDBOptions struct {
 	ExtraArgs []string
 	// Logf, if set, receives progress messages; t.Logf fits.
 	Logf func(format string, args ...any)
+	// Netns, if set, runs the server inside that namespace, listening on
+	// its ServerIP; root may log in from its HostIP. Admin work then goes
+	// over the unix socket, so that no network fault reaches it.
+	Netns *Netns
 }
 
 // mariadbPidFile is the pid file name inside Dir, also read by the sweep.
@@ -76,7 +83,7 @@ func StartMariaDB(ctx context.Context, opts MariaDBOptions) (*MariaDB, error) {
 	if err != nil {
 		return nil, err
 	}
-	m := &MariaDB{Dir: dir, adminUser: "root", bins: bins, user: u, extraArgs: opts.ExtraArgs, logf: logf}
+	m := &MariaDB{Dir: dir, adminUser: "root", bins: bins, user: u, extraArgs: opts.ExtraArgs, logf: logf, ns: opts.Netns}
 	ok := false
 	defer func() {
 		if !ok {
@@ -103,8 +110,35 @@ func (m *MariaDB) DSN(db string) string {
 	return fmt.Sprintf("root@tcp(%s)/%s", m.Addr(), db)
 }
 
-// Addr returns "127.0.0.1:PORT", for example as a Proxy target.
-func (m *MariaDB) Addr() string { return loopbackAddr(m.Port) }
+// Addr returns "127.0.0.1:PORT", for example as a Proxy target, or
+// "ServerIP:PORT" inside a Netns.
+func (m *MariaDB) Addr() string { return net.JoinHostPort(m.host(), strconv.Itoa(m.Port)) }
+
+// host is the address the server listens on.
+func (m *MariaDB) host() string {
+	if m.ns != nil {
+		return m.ns.ServerIP
+	}
+	return loopbackHost
+}
+
+// clientHost is the address the server sees TCP clients come from, the
+// host part of the accounts they log in as.
+func (m *MariaDB) clientHost() string {
+	if m.ns != nil {
+		return m.ns.HostIP
+	}
+	return loopbackHost
+}
+
+// socketPath is the server's unix socket.
+func (m *MariaDB) socketPath() string { return filepath.Join(m.Dir, "mariadbd.sock") }
+
+// SocketDSN returns a DSN for database db as root over the unix socket,
+// which no network fault touches.
+func (m *MariaDB) SocketDSN(db string) string {
+	return fmt.Sprintf("root@unix(%s)/%s", m.socketPath(), db)
+}
 
 // dataDir is the server's data directory inside Dir.
 func (m *MariaDB) dataDir() string { return filepath.Join(m.Dir, "data") }
@@ -153,11 +187,19 @@ const mariadbAdminUser = "faultlab_admin"
 // is required to set it; left alone, root (the account DSN uses) would
 // keep writing through SetReadOnly(true). This must happen before any
 // client connects: global privilege changes only apply to new sessions.
+//
+// Inside a namespace clients come from its HostIP, for which the install
+// made no account: root@HostIP is created like root@127.0.0.1, and admin
+// work uses the socket (admin@localhost).
 func (m *MariaDB) setupAccounts(ctx context.Context) error {
-	const q = "CREATE USER '" + mariadbAdminUser + "'@'127.0.0.1';" +
-		"GRANT ALL PRIVILEGES ON *.* TO '" + mariadbAdminUser + "'@'127.0.0.1' WITH GRANT OPTION;" +
-		"REVOKE READ_ONLY ADMIN ON *.* FROM 'root'@'127.0.0.1';" +
-		"CREATE DATABASE test"
+	admin := "'" + mariadbAdminUser + "'@'" + m.adminHost() + "'"
+	root := "'root'@'" + m.clientHost() + "'"
+	q := "CREATE USER " + admin + ";" +
+		"GRANT ALL PRIVILEGES ON *.* TO " + admin + " WITH GRANT OPTION;"
+	if m.ns != nil {
+		q += "CREATE USER " + root + ";GRANT ALL PRIVILEGES ON *.* TO " + root + " WITH GRANT OPTION;"
+	}
+	q += "REVOKE READ_ONLY ADMIN ON *.* FROM " + root + ";CREATE DATABASE test"
 	if err := m.Exec(ctx, q); err != nil {
 		return fmt.Errorf("faultlab: set up accounts: %w", err)
 	}
@@ -174,8 +216,8 @@ func (m *MariaDB) serverArgs() []string {
 		"--no-defaults",
 		"--datadir=" + m.dataDir(),
 		fmt.Sprintf("--port=%d", m.Port),
-		"--bind-address=" + loopbackHost,
-		"--socket=" + filepath.Join(m.Dir, "mariadbd.sock"),
+		"--bind-address=" + m.host(),
+		"--socket=" + m.socketPath(),
 		"--pid-file=" + filepath.Join(m.Dir, mariadbPidFile),
 		"--log-error=" + m.errLogPath(),
 		"--skip-name-resolve",

@@ -24,6 +24,9 @@ func (m *MariaDB) adminDB(user string) (*sql.DB, error) {
 	cfg.User = user
 	cfg.Net = "tcp"
 	cfg.Addr = m.Addr()
+	if m.ns != nil {
+		cfg.Net, cfg.Addr = "unix", m.socketPath()
+	}
 	cfg.Timeout = 5 * time.Second
 	cfg.ReadTimeout = 30 * time.Second
 	cfg.WriteTimeout = 30 * time.Second
@@ -36,6 +39,15 @@ func (m *MariaDB) adminDB(user string) (*sql.DB, error) {
 	db := sql.OpenDB(connector)
 	db.SetMaxOpenConns(1)
 	return db, nil
+}
+
+// adminHost is the host part of the admin account: the socket's
+// "localhost" inside a namespace, 127.0.0.1 otherwise.
+func (m *MariaDB) adminHost() string {
+	if m.ns != nil {
+		return "localhost"
+	}
+	return loopbackHost
 }
 
 // ping opens and closes one connection as root, proving the server is up

@@ -106,7 +106,7 @@ func (m *MariaDB) startLocked(ctx context.Context) error {
 	cmd.Stdout, cmd.Stderr = out, out
 	dieWithParent(cmd.SysProcAttr)
 	start := time.Now()
-	proc, err := startLockedThread(cmd)
+	proc, err := startLockedThread(cmd, m.ns)
 	if err != nil {
 		return fmt.Errorf("faultlab: start mariadbd: %w", err)
 	}
@@ -159,12 +159,20 @@ func (m *MariaDB) stopLocked(mode StopMode) error {
 // parent-death signal fires when the forking *thread* exits, not the
 // process; if the Go runtime retired that thread while the server still
 // ran, the server would be SIGKILLed mid-test (golang/go#27505).
-func startLockedThread(cmd *exec.Cmd) (*mariadbProc, error) {
+//
+// With ns the thread first enters that namespace, and the server starts
+// there; such a thread is never unlocked, so it dies with the goroutine.
+func startLockedThread(cmd *exec.Cmd, ns *Netns) (*mariadbProc, error) {
 	proc := &mariadbProc{done: make(chan struct{})}
 	started := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
-		defer runtime.UnlockOSThread()
+		if ns == nil {
+			defer runtime.UnlockOSThread()
+		} else if err := ns.enterThread(); err != nil {
+			started <- err
+			return
+		}
 		if err := cmd.Start(); err != nil {
 			started <- err
 			return

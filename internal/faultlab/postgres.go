@@ -3,6 +3,7 @@ package faultlab
 import (
 	"context"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"sort"
@@ -26,6 +27,7 @@ type Postgres struct {
 	bin  string
 	user serverUser
 	logf func(string, ...any)
+	ns   *Netns // nil: the server listens on 127.0.0.1
 
 	// mu serialises lifecycle changes (start, stop, close) so that a
 	// Restart is never interleaved with a Close.
@@ -42,6 +44,10 @@ type PostgresOptions struct {
 	// Logf, if set, receives progress messages (commands run, timings);
 	// t.Logf fits.
 	Logf func(format string, args ...any)
+	// Netns, if set, runs the server inside that namespace, listening on
+	// its ServerIP and trusting clients from its HostIP. Admin work then
+	// goes over the unix socket, so that no network fault reaches it.
+	Netns *Netns
 }
 
 // pgStartAttempts bounds retries when the free port was taken between
@@ -71,7 +77,7 @@ func StartPostgres(ctx context.Context, opts PostgresOptions) (*Postgres, error)
 	if err != nil {
 		return nil, err
 	}
-	p := &Postgres{Dir: dir, bin: bin, user: u, logf: logf}
+	p := &Postgres{Dir: dir, bin: bin, user: u, logf: logf, ns: opts.Netns}
 	ok := false
 	defer func() {
 		if !ok {
@@ -80,6 +86,9 @@ func StartPostgres(ctx context.Context, opts PostgresOptions) (*Postgres, error)
 	}()
 
 	if err := p.initdb(ctx); err != nil {
+		return nil, err
+	}
+	if err := p.trustNetns(); err != nil {
 		return nil, err
 	}
 	if err := p.startOnFreePort(ctx, opts.ExtraConf); err != nil {
@@ -98,8 +107,40 @@ func (p *Postgres) DSN(db string) string {
 	return fmt.Sprintf("postgres://postgres@%s/%s?sslmode=disable", p.Addr(), db)
 }
 
-// Addr returns "127.0.0.1:PORT", for example as a Proxy target.
-func (p *Postgres) Addr() string { return loopbackAddr(p.Port) }
+// Addr returns "127.0.0.1:PORT", for example as a Proxy target, or
+// "ServerIP:PORT" inside a Netns.
+func (p *Postgres) Addr() string { return net.JoinHostPort(p.host(), strconv.Itoa(p.Port)) }
+
+// host is the address the server listens on.
+func (p *Postgres) host() string {
+	if p.ns != nil {
+		return p.ns.ServerIP
+	}
+	return loopbackHost
+}
+
+// SocketDSN returns a keyword/value DSN for database db over the unix
+// socket, which no network fault touches.
+func (p *Postgres) SocketDSN(db string) string {
+	return fmt.Sprintf("host=%s port=%d user=postgres dbname=%s sslmode=disable", p.Dir, p.Port, db)
+}
+
+// trustNetns lets clients from the namespace's other end in: initdb only
+// trusts loopback.
+func (p *Postgres) trustNetns() error {
+	if p.ns == nil {
+		return nil
+	}
+	f, err := os.OpenFile(filepath.Join(p.dataDir(), "pg_hba.conf"), os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		return fmt.Errorf("faultlab: open pg_hba.conf: %w", err)
+	}
+	if _, err := fmt.Fprintf(f, "\nhost all all %s/32 trust\n", p.ns.HostIP); err != nil {
+		f.Close()
+		return fmt.Errorf("faultlab: append to pg_hba.conf: %w", err)
+	}
+	return f.Close()
+}
 
 // dataDir is the cluster's data directory inside Dir.
 func (p *Postgres) dataDir() string { return filepath.Join(p.Dir, "data") }
@@ -150,7 +191,7 @@ const pgConfFile = "faultlab.conf"
 // writeConf writes faultlab.conf and makes postgresql.conf include it.
 func (p *Postgres) writeConf(extra map[string]string) error {
 	settings := map[string]string{
-		"listen_addresses":        loopbackHost,
+		"listen_addresses":        p.host(),
 		"port":                    strconv.Itoa(p.Port),
 		"unix_socket_directories": p.Dir,
 		// Durability is pointless for throwaway data and costs seconds.

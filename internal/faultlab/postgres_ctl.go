@@ -80,10 +80,15 @@ func (p *Postgres) startLocked(ctx context.Context) error {
 	ctx, cancel := withDeadline(ctx, pgCtlTimeout+30*time.Second)
 	defer cancel()
 	start := time.Now()
-	if out, err := p.pgCtl(ctx, "-l", p.logPath(), "-w", "-t", "30", "start"); err != nil {
+	var out []byte
+	err := p.inNetns(func() (err error) {
+		out, err = p.pgCtl(ctx, "-l", p.logPath(), "-w", "-t", "30", "start")
+		return err
+	})
+	if err != nil {
 		return withLog(fmt.Errorf("faultlab: pg_ctl start on port %d: %w\n%s", p.Port, err, out), p.logPath())
 	}
-	err := poll(ctx, 150, 100*time.Millisecond, 30*time.Second, "wait for postgres to accept connections",
+	err = poll(ctx, 150, 100*time.Millisecond, 30*time.Second, "wait for postgres to accept connections",
 		func(ctx context.Context) error {
 			conn, err := p.connect(ctx, "postgres")
 			if err != nil {
@@ -139,8 +144,22 @@ func (p *Postgres) pgCtl(ctx context.Context, args ...string) ([]byte, error) {
 	return cmd.CombinedOutput()
 }
 
-// connect opens an admin connection to db. application_name marks it in
-// pg_stat_activity so that it is easy to spot while debugging.
+// inNetns runs f (which starts the postmaster through pg_ctl) inside the
+// server's namespace, if it has one: the postmaster inherits it.
+func (p *Postgres) inNetns(f func() error) error {
+	if p.ns == nil {
+		return f()
+	}
+	return p.ns.inside(f)
+}
+
+// connect opens an admin connection to db, over the unix socket inside a
+// namespace (no injected network fault may stall admin work).
+// application_name marks it in pg_stat_activity so that it is easy to spot
+// while debugging.
 func (p *Postgres) connect(ctx context.Context, db string) (*pgx.Conn, error) {
+	if p.ns != nil {
+		return pgx.Connect(ctx, p.SocketDSN(db)+" connect_timeout=5 application_name=faultlab-admin")
+	}
 	return pgx.Connect(ctx, p.DSN(db)+"&connect_timeout=5&application_name=faultlab-admin")
 }
