@@ -69,33 +69,49 @@ type scServer struct {
 // and the write-safety scenarios would measure the server, not the client.
 func startScServer(t *testing.T, e scEngine) *scServer {
 	t.Helper()
+	return startScServerIn(t, e, nil)
+}
+
+// startScServerIn is startScServer with the server inside ns (nil: on
+// 127.0.0.1). Inside a namespace the admin connection uses the unix
+// socket, so that no injected network fault reaches it.
+func startScServerIn(t *testing.T, e scEngine, ns *faultlab.Netns) *scServer {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	s := &scServer{e: e}
 	var err error
-	dsn := ""
+	dsn, adminDSN := "", ""
 	if e.pg {
 		s.pg, err = faultlab.StartPostgres(ctx, faultlab.PostgresOptions{
 			ExtraConf: map[string]string{"synchronous_commit": "on"},
 			Logf:      t.Logf,
+			Netns:     ns,
 		})
 		if err == nil {
 			t.Cleanup(func() { s.pg.Close() })
-			dsn = s.dsn(s.addr())
+			dsn, adminDSN = s.dsn(s.addr()), s.dsn(s.addr())
+			if ns != nil {
+				adminDSN = s.pg.SocketDSN("test")
+			}
 		}
 		requireServer(t, "PostgreSQL", e.bare, envPostgresDSN, dsn, err)
 	} else {
 		s.my, err = faultlab.StartMariaDB(ctx, faultlab.MariaDBOptions{
 			ExtraArgs: []string{"--innodb-flush-log-at-trx-commit=2"},
 			Logf:      t.Logf,
+			Netns:     ns,
 		})
 		if err == nil {
 			t.Cleanup(func() { s.my.Close() })
-			dsn = s.dsn(s.addr())
+			dsn, adminDSN = s.dsn(s.addr()), s.dsn(s.addr())
+			if ns != nil {
+				adminDSN = s.my.SocketDSN("test")
+			}
 		}
 		requireServer(t, "MariaDB", e.bare, envMySQLDSN, dsn, err)
 	}
-	s.admin, err = sql.Open(e.bare, dsn)
+	s.admin, err = sql.Open(e.bare, adminDSN)
 	if err != nil {
 		t.Fatal(err)
 	}
