@@ -401,6 +401,10 @@ func (g *dialGate) fail(err error) {
 func (g *dialGate) nextProbe(err error) time.Duration {
 	switch probeKindOf(err) {
 	case probeRefused:
+		// The process that rejected at a cost is gone (a restart: "shutting
+		// down", refused, "starting up"): the next rejection opens a new
+		// episode, and must not wait out the old one's backoff.
+		g.bo.reset()
 		return jitterAround(g.interval)
 	case probeSoon:
 		return jitterAround(4 * g.interval)

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/stretchr/testify/require"
 )
 
 var errRefused = fmt.Errorf("dial: %w", &net.OpError{Op: "dial", Net: "tcp", Err: os.NewSyscallError("connect", syscall.ECONNREFUSED)})
@@ -443,4 +444,22 @@ func TestGateProbePatience(t *testing.T) {
 		}
 		t.Logf("connected after %v, %d dials", took, s.dials.Load())
 	})
+}
+
+// TestGateRefusalRestartsBackoff: a restart reads "shutting down" (costly),
+// then refusals, then "starting up" (costly again). The refusals show the
+// old process gone, so the backoff starts over instead of adding the
+// restart's rejections up to its cap, which would delay the first success
+// after the server accepts by up to a second.
+func TestGateRefusalRestartsBackoff(t *testing.T) {
+	g := &dialGate{interval: 30 * time.Millisecond, bo: backoff{initial: 100 * time.Millisecond, max: time.Second}}
+	costly := &pgconn.PgError{Code: "57P03", Message: "the database system is shutting down"}
+	for range 5 {
+		g.nextProbe(costly)
+	}
+	require.Equal(t, 5, g.bo.attempt, "costly rejections back off exponentially")
+	d := g.nextProbe(errRefused)
+	require.LessOrEqual(t, d, 45*time.Millisecond, "a refusal is probed at the interval")
+	require.Equal(t, 0, g.bo.attempt, "a refusal restarts the backoff")
+	require.LessOrEqual(t, g.nextProbe(costly), 100*time.Millisecond, "the next rejection starts from the initial backoff")
 }

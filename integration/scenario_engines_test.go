@@ -77,6 +77,17 @@ func startScServer(t *testing.T, e scEngine) *scServer {
 // socket, so that no injected network fault reaches it.
 func startScServerIn(t *testing.T, e scEngine, ns *faultlab.Netns) *scServer {
 	t.Helper()
+	return startScServerWith(t, e, ns, nil, nil)
+}
+
+// startScServerWith is startScServerIn with extra PostgreSQL settings or
+// mariadbd arguments (for example a lower max_connections).
+func startScServerWith(t *testing.T, e scEngine, ns *faultlab.Netns, pgConf map[string]string, myArgs []string) *scServer {
+	t.Helper()
+	conf := map[string]string{"synchronous_commit": "on"}
+	for k, v := range pgConf {
+		conf[k] = v
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	s := &scServer{e: e}
@@ -84,7 +95,7 @@ func startScServerIn(t *testing.T, e scEngine, ns *faultlab.Netns) *scServer {
 	dsn, adminDSN := "", ""
 	if e.pg {
 		s.pg, err = faultlab.StartPostgres(ctx, faultlab.PostgresOptions{
-			ExtraConf: map[string]string{"synchronous_commit": "on"},
+			ExtraConf: conf,
 			Logf:      t.Logf,
 			Netns:     ns,
 		})
@@ -98,7 +109,7 @@ func startScServerIn(t *testing.T, e scEngine, ns *faultlab.Netns) *scServer {
 		requireServer(t, "PostgreSQL", e.bare, envPostgresDSN, dsn, err)
 	} else {
 		s.my, err = faultlab.StartMariaDB(ctx, faultlab.MariaDBOptions{
-			ExtraArgs: []string{"--innodb-flush-log-at-trx-commit=2"},
+			ExtraArgs: append([]string{"--innodb-flush-log-at-trx-commit=2"}, myArgs...),
 			Logf:      t.Logf,
 			Netns:     ns,
 		})

@@ -143,6 +143,11 @@ func (m *MariaDB) SocketDSN(db string) string {
 // dataDir is the server's data directory inside Dir.
 func (m *MariaDB) dataDir() string { return filepath.Join(m.Dir, "data") }
 
+// tmpDir is the server's own temporary directory: servers sharing /tmp
+// remove each other's "#sql" files at startup, which once broke a
+// concurrent mariadb-install-db.
+func (m *MariaDB) tmpDir() string { return filepath.Join(m.Dir, "tmp") }
+
 // errLogPath is mariadbd's --log-error file.
 func (m *MariaDB) errLogPath() string { return filepath.Join(m.Dir, "err.log") }
 
@@ -150,8 +155,14 @@ func (m *MariaDB) errLogPath() string { return filepath.Join(m.Dir, "err.log") }
 // what creates root@127.0.0.1 with an empty password; the default,
 // unix_socket, would only admit the OS root user over the socket.
 func (m *MariaDB) installDB(ctx context.Context) error {
+	if err := os.Mkdir(m.tmpDir(), 0o700); err != nil {
+		return fmt.Errorf("faultlab: create tmpdir: %w", err)
+	}
+	if err := m.user.chownTree(m.tmpDir()); err != nil {
+		return fmt.Errorf("faultlab: chown tmpdir: %w", err)
+	}
 	cmd := m.user.command(ctx, m.Dir, m.bins.InstallDB,
-		"--no-defaults", "--datadir="+m.dataDir(),
+		"--no-defaults", "--datadir="+m.dataDir(), "--tmpdir="+m.tmpDir(),
 		"--auth-root-authentication-method=normal", "--skip-test-db")
 	out, err := cmd.CombinedOutput()
 	if err != nil {
@@ -218,6 +229,7 @@ func (m *MariaDB) serverArgs() []string {
 		fmt.Sprintf("--port=%d", m.Port),
 		"--bind-address=" + m.host(),
 		"--socket=" + m.socketPath(),
+		"--tmpdir=" + m.tmpDir(),
 		"--pid-file=" + filepath.Join(m.Dir, mariadbPidFile),
 		"--log-error=" + m.errLogPath(),
 		"--skip-name-resolve",
