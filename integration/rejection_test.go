@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"math"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -301,53 +300,10 @@ func (env *scEnv) rjLift(restoreMaxConns int) {
 // filler sessions must stay), and returns once the server no longer lists
 // them.
 func (env *scEnv) rjKillUser() int {
-	t, ctx := env.t, env.ctx
-	conn, err := env.srv.admin.Conn(ctx)
-	if err != nil {
-		t.Fatalf("admin connection: %v", err)
-	}
-	defer conn.Close()
-	var ids []string
-	if env.e.pg {
-		ids = queryIDs(ctx, t, conn, `WITH v AS MATERIALIZED (
-				SELECT pid FROM pg_stat_activity WHERE usename = '`+rjUser+`')
-			SELECT pid FROM v WHERE pg_terminate_backend(pid)`)
-	} else {
-		ids = queryIDs(ctx, t, conn, "SELECT ID FROM information_schema.PROCESSLIST WHERE USER = '"+rjUser+"' AND COMMAND <> 'Killed'")
-		for _, id := range ids {
-			_, err := conn.ExecContext(ctx, "KILL CONNECTION "+id)
-			if me := (*mysql.MySQLError)(nil); errors.As(err, &me) && me.Number == 1094 {
-				continue // ended on its own meanwhile
-			}
-			if err != nil {
-				t.Fatalf("KILL %s: %v", id, err)
-			}
-		}
-	}
-	if len(ids) == 0 {
-		return 0
-	}
-	q := "SELECT count(*) FROM pg_stat_activity WHERE pid IN (" + strings.Join(ids, ",") + ")"
-	if !env.e.pg {
-		q = "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID IN (" + strings.Join(ids, ",") + ")"
-	}
-	deadline := time.Now().Add(5 * time.Second)
-	for i := 0; ; i++ {
-		var left int
-		if err := conn.QueryRowContext(ctx, q).Scan(&left); err != nil {
-			t.Fatalf("waiting for killed sessions: %v", err)
-		}
-		if left == 0 {
-			break
-		}
-		if i >= 1000 || time.Now().After(deadline) {
-			t.Fatalf("%d of %d killed sessions of %s still listed after 5 s", left, len(ids), rjUser)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	n := env.srv.killWhere(env.ctx, env.t, "usename = '"+rjUser+"'", "USER = '"+rjUser+"' AND COMMAND <> 'Killed'")
 	// The proxies pass the server's close on to the pools' sockets.
 	time.Sleep(scSettle)
-	return len(ids)
+	return n
 }
 
 // rjCheckRejected opens one session of rjUser through the check proxy and

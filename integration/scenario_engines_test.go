@@ -231,6 +231,16 @@ func (s *scServer) watchUp(ctx context.Context, t0 time.Time) <-chan time.Durati
 // 1 s ping-idle threshold.
 func (s *scServer) killAll(ctx context.Context, t testing.TB) int {
 	t.Helper()
+	return s.killWhere(ctx, t,
+		"backend_type = 'client backend' AND pid <> pg_backend_pid()",
+		"ID <> CONNECTION_ID() AND COMMAND NOT IN ('Daemon', 'Killed') AND USER NOT IN ('system user', 'event_scheduler')")
+}
+
+// killWhere ends the sessions that pgWhere (over pg_stat_activity) or
+// myWhere (over information_schema.PROCESSLIST) select, and returns how
+// many once the server no longer lists them (at most 5 s).
+func (s *scServer) killWhere(ctx context.Context, t testing.TB, pgWhere, myWhere string) int {
+	t.Helper()
 	conn, err := s.admin.Conn(ctx) // pinned, so the session spared is this one
 	if err != nil {
 		t.Fatalf("admin connection: %v", err)
@@ -239,12 +249,10 @@ func (s *scServer) killAll(ctx context.Context, t testing.TB) int {
 	var ids []string
 	if s.e.pg {
 		ids = queryIDs(ctx, t, conn, `WITH v AS MATERIALIZED (
-				SELECT pid FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid())
+				SELECT pid FROM pg_stat_activity WHERE `+pgWhere+`)
 			SELECT pid FROM v WHERE pg_terminate_backend(pid)`)
 	} else {
-		ids = queryIDs(ctx, t, conn, `SELECT ID FROM information_schema.PROCESSLIST
-			WHERE ID <> CONNECTION_ID() AND COMMAND NOT IN ('Daemon', 'Killed')
-			AND USER NOT IN ('system user', 'event_scheduler')`)
+		ids = queryIDs(ctx, t, conn, "SELECT ID FROM information_schema.PROCESSLIST WHERE "+myWhere)
 		for _, id := range ids {
 			_, err := conn.ExecContext(ctx, "KILL CONNECTION "+id)
 			if me := (*mysql.MySQLError)(nil); errors.As(err, &me) && me.Number == 1094 {
