@@ -152,15 +152,14 @@ func (n *Netns) Close() error {
 	ctx, cancel := context.WithTimeout(context.Background(), netnsCmdTimeout)
 	defer cancel()
 	var errs []error
-	if _, err := runCmd(ctx, "ip", "netns", "del", n.Name); err != nil && !strings.Contains(err.Error(), "No such file") {
+	// Deleting the host end first removes the pair at once; left to the
+	// namespace's teardown it lingers for seconds (the kernel does that in
+	// the background). It may be missing after a failure in NewNetns.
+	if _, err := runCmd(ctx, "ip", "link", "del", n.hostIf); err != nil && !strings.Contains(err.Error(), "Cannot find device") {
 		errs = append(errs, err)
 	}
-	// Normally gone with its peer; this covers a failure halfway through
-	// NewNetns, before the peer moved into the namespace.
-	if linkExists(ctx, n.hostIf) {
-		if _, err := runCmd(ctx, "ip", "link", "del", n.hostIf); err != nil {
-			errs = append(errs, err)
-		}
+	if _, err := runCmd(ctx, "ip", "netns", "del", n.Name); err != nil && !strings.Contains(err.Error(), "No such file") {
+		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
 }
