@@ -41,7 +41,9 @@ type conn struct {
 
 	pg   *pgconn.PgConn // non-nil when the inner conn is pgx's *stdlib.Conn
 	sock *sockCheck     // nil when the socket is out of reach
+	wire *wireConn      // go-sql-driver/mysql's socket, when the wrapper dialed it
 	gen  uint64         // the connector's generation at connect
+	sess orphan         // its server session, for the reaper (with Options.Reap)
 
 	id   int64     // the connector's sequence number, for log records
 	born time.Time // when it connected
@@ -50,6 +52,7 @@ type conn struct {
 	txOpen     bool        // BeginTx succeeded since the last checkout; guarded by the driverConn lock
 	fresh      bool        // not yet used: its first call is its checkout; guarded by the driverConn lock
 	bad        atomic.Bool // sticky: the conn must not be reused
+	deadPath   atomic.Bool // the path to the server died under it: its session may live on
 	txFlag     atomic.Bool // txOpen, for the leak watcher's goroutine
 	tx         tx          // the transaction guard; guarded by the driverConn lock
 	out        checkout    // the current borrow, for the gauges and leak detection
@@ -167,7 +170,11 @@ func (c *conn) Close() error {
 	c.markBack(time.Now())
 	c.c.stats.connsClosed.Add(1)
 	c.c.track.remove(c)
-	return c.inner.Close()
+	err := c.inner.Close()
+	if c.deadPath.Load() || c.wire != nil && c.wire.dead.Load() {
+		c.c.reap.enqueue(c.sess) // after the close: the session is no longer anyone's
+	}
+	return err
 }
 
 // Begin is required by driver.Conn; database/sql calls BeginTx.

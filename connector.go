@@ -44,6 +44,7 @@ type Connector struct {
 	ev     events
 	track  tracker
 	mon    monitor
+	reap   reaper
 	connID atomic.Int64 // the last connection id handed out
 }
 
@@ -66,12 +67,17 @@ func (c *Connector) init(inner driver.Connector, d *Driver) {
 	c.gate.c = c
 	c.ev.init(&c.opts, c.target)
 	c.track.epoch = time.Now()
+	c.reap.c = c
+	if c.opts.Reap {
+		c.reap.open = c.openReapSession
+	}
 }
 
 // dialed is what a dial learnt besides the connection.
 type dialed struct {
 	sock    net.Conn  // the socket, when the driver hides it; else nil
 	expires time.Time // when the credentials it logged in with expire; zero: never
+	start   time.Time // when the connect began
 }
 
 // wrap wraps a new inner connection; its max age is drawn here, and ends
@@ -81,11 +87,15 @@ func (c *Connector) wrap(inner driver.Conn, d dialed) *conn {
 	now := time.Now()
 	w := newConn(c, inner, now)
 	w.life = w.life.capAt(now, d.expires, c.opts.MaxAgeJitter)
+	w.wire, _ = d.sock.(*wireConn)
 	if sock := d.sock; sock != nil && w.sock == nil {
 		w.sock = newSockCheck(sock)
 		if w.sock != nil {
 			w.sock.plaintext, w.sock.mysql = c.plaintext, true
 		}
+	}
+	if c.opts.Reap {
+		w.sess = identify(w, d, now)
 	}
 	c.stats.connsOpened.Add(1)
 	c.track.add(w)
@@ -111,8 +121,8 @@ func (c *Connector) invalidate(gen uint64, cause InvalidationCause) bool {
 }
 
 // lost records that a statement lost its connection at now: the server may
-// be gone, so the next connect probes for the others, and checkout peeks
-// at every connection returned before now, however briefly idle.
+// be gone, so the next connect probes for the others, and for
+// lossPeekWindow checkout peeks at every connection, however briefly idle.
 func (c *Connector) lost(now time.Time) {
 	c.lostAt.Store(now.UnixNano())
 	c.gate.suspect()
@@ -122,11 +132,12 @@ func (c *Connector) lost(now time.Time) {
 // belongs to this connector (see StatsOf).
 func (c *Connector) Driver() driver.Driver { return c.drv }
 
-// Close stops the connector's background goroutine, if one runs, and
+// Close stops the connector's background goroutines, if any run, and
 // closes the inner connector if it has a Close method; database/sql calls
 // it from DB.Close.
 func (c *Connector) Close() error {
 	c.stopMonitor()
+	c.reap.close()
 	if cl, ok := c.inner.(io.Closer); ok {
 		return cl.Close()
 	}
@@ -272,6 +283,7 @@ func pgConnector(c *Connector, dsn string, poolSizing bool) (driver.Connector, e
 		return nil, err
 	}
 	c.target.address, c.target.port = cfg.Host, int(cfg.Port)
+	c.gate.fleet = fleetFor(pgFleetKey(&cfg.Config))
 	c.writable = writableTarget(cfg)
 	if v := cfg.ValidateConnect; v != nil {
 		cfg.ValidateConnect = func(ctx context.Context, pc *pgconn.PgConn) error {
@@ -376,6 +388,7 @@ func mysqlConnector(c *Connector, dsn string, poolSizing bool) (driver.Connector
 	if err != nil {
 		return nil, err
 	}
+	c.gate.fleet = fleetFor("mysql " + cfg.Net + " " + cfg.Addr)
 	if host, port, err := net.SplitHostPort(cfg.Addr); err == nil && cfg.Net == "tcp" {
 		c.target.address = host
 		c.target.port, _ = strconv.Atoi(port)

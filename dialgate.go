@@ -6,16 +6,11 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
 	"net"
+	"slices"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
-
-	"github.com/go-sql-driver/mysql"
-	"github.com/jackc/pgx/v5/pgconn"
-	"github.com/jackc/pgx/v5/stdlib"
 )
 
 // gateState is what the connector believes about the server.
@@ -36,24 +31,31 @@ const (
 // after a capped, fully jittered backoff, and the others wait for its
 // outcome instead of dialing. The first successful probe opens the gate.
 type dialGate struct {
-	mu         sync.Mutex
-	state      gateState          // guarded by mu
-	probing    int                // guarded by mu: probes running
-	probeAt    time.Time          // guarded by mu: when the newest probe began, or begins, to dial
-	changed    chan struct{}      // guarded by mu: closed, and replaced, whenever a probe ends
-	opened     context.Context    // guarded by mu: ends when the gate opens; running probes stop then
-	openProbes context.CancelFunc // guarded by mu: ends opened
-	patience   time.Duration      // guarded by mu: the current bound of one probe; see probeTimeout
-	notBefore  time.Time          // guarded by mu: the next probe waits until then
-	since      time.Time          // guarded by mu: when the gate closed
-	bo         backoff            // guarded by mu
-	lastErr    error              // guarded by mu: the error that closed the gate, or the last probe's
-	restarted  bool               // guarded by mu: a refusal was seen while down, so recovery means a new server
-	roundTrip  bool               // guarded by mu: a pooler said it has no server; a probe must get a statement through
-	interval   time.Duration      // the probe interval after a cheap refusal (Options.ProbeInterval)
+	mu        sync.Mutex
+	state     gateState     // guarded by mu
+	probing   int           // guarded by mu: probes running
+	probeAt   time.Time     // guarded by mu: when the newest probe began, or begins, to dial
+	changed   chan struct{} // guarded by mu: closed, and replaced, whenever a probe ends
+	running   []*probeRun   // guarded by mu: the probes dialing or waiting to
+	patience  time.Duration // guarded by mu: the current bound of one probe; see probeTimeout
+	notBefore time.Time     // guarded by mu: the next probe waits until then
+	since     time.Time     // guarded by mu: when the gate closed
+	bo        backoff       // guarded by mu
+	lastErr   error         // guarded by mu: the error that closed the gate, or the last probe's
+	restarted bool          // guarded by mu: a refusal was seen while down, so recovery means a new server
+	roundTrip bool          // guarded by mu: a pooler said it has no server; a probe must get a statement through
+	interval  time.Duration // the probe interval after a cheap refusal (Options.ProbeInterval)
+	slowDial  time.Duration // guarded by mu: the slowest recent successful dial, decaying; see hedgeAfter
+
+	fleet       *serverFleet // shared with the process's other connectors of this server; nil: none
+	wanting     bool         // guarded by mu: counted in fleet.wanting
+	waiters     int          // guarded by mu: callers in Connect that met the gate not open
+	recoveredAt time.Time    // guarded by mu: when the gate last opened after an outage or a loss; see fleetHold
+	inTurn      int          // guarded by mu: probes waiting for their turn among the fleet, not dialing yet
 
 	suspectAt  time.Time  // guarded by mu: when the gate last turned suspect
 	lastFail   time.Time  // guarded by mu: the last failed dial while closed
+	startingAt time.Time  // guarded by mu: the first "starting up" rejection of the current outage
 	outProbes  int64      // guarded by mu: probes in the current outage
 	genAtClose uint64     // guarded by mu: the pool generation when the gate closed
 	c          *Connector // for counters and events
@@ -81,13 +83,48 @@ func (c *Connector) Connect(ctx context.Context) (driver.Conn, error) {
 	var waitingSince time.Time // when this caller first found the server down
 	attempts := 0              // dials this call made, for the error when it gives up
 	waited := false            // this call waited for another's probe
+	counted := false           // this call is among g.waiters
+	held := false              // this call was held back for other pools
+	defer func() {
+		if counted {
+			g.mu.Lock()
+			g.waiters--
+			if g.waiters == 0 && g.state != gateOpen {
+				g.wantDone()
+			}
+			g.mu.Unlock()
+		}
+	}()
 	for {
 		g.mu.Lock()
 		if g.state == gateOpen {
+			if hold, others := g.fleetHold(time.Now()); hold > 0 {
+				// Other pools of this server still wait for their first
+				// connection: theirs go first (see serverFleet).
+				g.mu.Unlock()
+				if !held {
+					held = true
+					c.stats.fleetHeld.Add(1)
+				}
+				t := time.NewTimer(hold)
+				select {
+				case <-others:
+				case <-t.C:
+				case <-ctx.Done():
+				}
+				t.Stop()
+				if ctx.Err() != nil {
+					return nil, c.waitErr(ctx, attempts)
+				}
+				continue
+			}
 			g.mu.Unlock()
 			attempts++
+			began := time.Now()
 			inner, d, err := c.dial(ctx)
 			if err == nil {
+				g.dialed(time.Since(began))
+				g.fleet.gotIn()
 				return c.wrap(inner, d), nil
 			}
 			if isCredentialErr(err) {
@@ -98,6 +135,7 @@ func (c *Connector) Connect(ctx context.Context) (driver.Conn, error) {
 			if ctx.Err() != nil || !retryableConnect(err) {
 				return nil, connectErr(err)
 			}
+			g.fleet.probed(false, false, true)
 			g.mu.Lock()
 			if g.state != gateDown {
 				g.close(err)
@@ -109,14 +147,38 @@ func (c *Connector) Connect(ctx context.Context) (driver.Conn, error) {
 		if g.state == gateDown && waitingSince.IsZero() {
 			waitingSince = now
 		}
+		if !counted {
+			counted = true
+			g.waiters++
+		}
+		g.wantFirst()
 		// A probe may start when none runs (it then waits for its time),
 		// or, as a hedge, when the newest one has been dialing for
 		// hedgeAfter: a connect held by a proxy in front of a server that
 		// is away (HAProxy retries a refused backend for seconds) must not
 		// hold up the probe that would find the server back.
 		hedgeAt := g.probeAt.Add(g.hedgeAfter())
+		most := maxProbes
+		starting := g.starting(now)
+		if starting {
+			// A starting server rejects each probe only after forking a
+			// process for it, which takes longer than the interval on a
+			// busy machine: probes overlap (a few at most), so that the
+			// interval, not that round trip, bounds how late the first
+			// probe after it is ready comes. The rate stays one per
+			// interval.
+			hedgeAt, most = g.probeAt, maxStartingProbes
+		}
 		due := !now.Before(g.notBefore)
-		hedge := g.probing > 0 && g.probing < maxProbes && due && !now.Before(hedgeAt)
+		// A probe waiting for its turn among the fleet is not hanging.
+		hedge := g.probing > 0 && g.probing < most && due && !now.Before(hedgeAt) && g.inTurn == 0
+		extra, capped := false, false
+		if hedge && starting {
+			// The overlap, and its pace, are shared by every pool of this
+			// server.
+			extra = g.fleet.tryExtra(maxStartingProbes, g.interval)
+			hedge, capped = extra, !extra
+		}
 		// Out of patience: fail at once, unless a probe is due, since only
 		// a probe can open the gate again.
 		impatient := g.state == gateDown && (c.opts.ConnectWait == 0 || now.Sub(waitingSince) > c.opts.ConnectWait)
@@ -133,8 +195,12 @@ func (c *Connector) Connect(ctx context.Context) (driver.Conn, error) {
 			ch := g.changed
 			var hedge *time.Timer
 			var hedgeC <-chan time.Time
-			if g.probing < maxProbes {
-				hedge = time.NewTimer(max(hedgeAt.Sub(now), g.notBefore.Sub(now)))
+			if g.probing < most && g.inTurn == 0 { // else woken when the turn is taken
+				d := max(hedgeAt.Sub(now), g.notBefore.Sub(now))
+				if capped {
+					d = max(d, g.interval/2) // until another pool's overlap ends
+				}
+				hedge = time.NewTimer(d)
 				hedgeC = hedge.C
 			}
 			g.mu.Unlock()
@@ -157,21 +223,43 @@ func (c *Connector) Connect(ctx context.Context) (driver.Conn, error) {
 			}
 			continue
 		}
-		// This caller probes; the others wait for a probe to end.
+		// This caller probes; the others wait for a probe to end. The first
+		// probe of a connector that is down also waits for its turn among
+		// the other connectors of the server (see serverFleet).
+		fleetTurn := g.state == gateDown && g.probing == 0 && g.fleet != nil
+		if fleetTurn {
+			g.inTurn++
+		}
+		hedgeAfter := g.hedgeAfter()
 		wait := g.notBefore.Sub(now)
 		g.probing++
 		g.probeAt = now.Add(max(wait, 0))
-		if g.opened == nil {
-			g.opened, g.openProbes = context.WithCancel(context.Background())
+		if g.starting(g.probeAt) {
+			g.notBefore = g.probeAt.Add(jitterAround(g.interval)) // the next may start before this one ends
 		}
-		// A probe still hanging when another found the server back is
-		// called off: its caller then dials like anyone else.
 		pctx, stop := context.WithCancel(ctx)
-		stopOnOpen := context.AfterFunc(g.opened, stop)
+		run := &probeRun{start: g.probeAt, stop: stop, extra: extra}
+		g.running = append(g.running, run)
 		timeout := g.probeTimeout(c.opts.PingTimeout, c.opts.ConnectTimeout)
 		g.mu.Unlock()
 
-		err := sleepCtx(pctx, wait)
+		err := g.fleet.sleep(pctx, wait)
+		took := false
+		if err == nil && fleetTurn {
+			took, err = g.fleet.turn(pctx, g.interval, hedgeAfter)
+		}
+		if fleetTurn {
+			// Waiting for the turn was not dialing: a hedge counts from
+			// now.
+			g.mu.Lock()
+			g.inTurn--
+			if now := time.Now(); now.After(g.probeAt) {
+				g.probeAt = now
+			}
+			close(g.changed) // the waiters' hedge timers start now
+			g.changed = make(chan struct{})
+			g.mu.Unlock()
+		}
 		var inner driver.Conn
 		var d dialed
 		probed := err == nil
@@ -179,12 +267,20 @@ func (c *Connector) Connect(ctx context.Context) (driver.Conn, error) {
 			attempts++
 			c.stats.probes.Add(1)
 			tctx, cancel := context.WithTimeoutCause(pctx, timeout, probeDeadline(timeout))
+			began := time.Now()
 			inner, d, err = c.probe(tctx)
 			cancel()
+			if err == nil {
+				g.dialed(time.Since(began))
+			}
 		}
-		stopOnOpen()
 		stop()
+		g.fleet.probed(took, probed && err == nil, probed && err != nil && ctx.Err() == nil && retryableConnect(err))
 		g.mu.Lock()
+		g.running = slices.DeleteFunc(g.running, func(r *probeRun) bool { return r == run })
+		if run.extra {
+			g.fleet.endExtra()
+		}
 		if errors.As(err, new(*connectTimeoutError)) {
 			g.patience = min(2*timeout, c.opts.ConnectTimeout)
 		}
@@ -212,7 +308,7 @@ func (c *Connector) Connect(ctx context.Context) (driver.Conn, error) {
 				// belong to the old one.
 				c.invalidate(g.genAtClose, InvalidRestart)
 			}
-			g.open()
+			g.open(run.start)
 			g.mu.Unlock()
 			return c.wrap(inner, d), nil
 		case isCredentialErr(err):
@@ -224,7 +320,7 @@ func (c *Connector) Connect(ctx context.Context) (driver.Conn, error) {
 			g.mu.Unlock()
 			return nil, c.waitErr(ctx, attempts)
 		case !retryableConnect(err):
-			g.open() // the server answered, if only to refuse us: it is up
+			g.open(run.start) // the server answered, if only to refuse us: it is up
 			g.mu.Unlock()
 			return nil, connectErr(err)
 		case g.state == gateSuspect:
@@ -234,102 +330,6 @@ func (c *Connector) Connect(ctx context.Context) (driver.Conn, error) {
 		}
 		g.mu.Unlock()
 	}
-}
-
-// probeTimeout bounds one probe. A connect can hang without the server
-// being involved at all: HAProxy holds a connect to a backend that just
-// died while it retries it (retries 3, a second apart, by default), and
-// the probe that would find the new primary must not wait behind that. A
-// probe therefore gets the checkout ping's bound, doubled after each one
-// that ran out of it (up to resilient_connect_timeout), so that a server
-// that takes seconds to accept (a serverless one resuming) is still
-// reached. mu is held.
-func (g *dialGate) probeTimeout(initial, most time.Duration) time.Duration {
-	if g.patience == 0 {
-		g.patience = min(initial, most)
-	}
-	return g.patience
-}
-
-// probeDeadline is the cause of a probe's context when its own bound, not
-// the caller's deadline, ended it.
-type probeDeadline time.Duration
-
-func (p probeDeadline) Error() string {
-	return "resilientpg: probe bound of " + time.Duration(p).String() + " reached"
-}
-
-// ownTimeout marks a connect error that came from a connect's own bound,
-// not the caller's deadline: pgx's connect_timeout per host while ctx is
-// alive, or a probe's bound (the cause of ctx).
-func ownTimeout(ctx context.Context, err error) error {
-	if err == nil || !errors.Is(err, context.DeadlineExceeded) {
-		return err
-	}
-	if bound, ok := context.Cause(ctx).(probeDeadline); ok {
-		return &connectTimeoutError{timeout: time.Duration(bound), err: err}
-	}
-	if ctx.Err() == nil {
-		return &connectTimeoutError{err: err}
-	}
-	return err
-}
-
-// connectTimeoutError is a connect that ran out of its own bound (a
-// probe's, or pgx's connect_timeout per host) while the caller's context
-// still had time: the address did not answer in time, which says nothing
-// about the caller and is retried like a refusal.
-type connectTimeoutError struct {
-	timeout time.Duration // 0: pgx's connect_timeout
-	err     error
-}
-
-func (e *connectTimeoutError) Error() string {
-	if e.timeout == 0 {
-		return "resilientpg: connect timed out: " + e.err.Error()
-	}
-	return "resilientpg: connect timed out after " + e.timeout.String() + ": " + e.err.Error()
-}
-func (e *connectTimeoutError) Unwrap() error { return e.err }
-
-// maxProbes bounds the probes a connector runs at once: one, plus hedges
-// while the running ones hang (see Connect).
-const maxProbes = 16
-
-// hedgeAfter is how long a probe may dial before another may start beside
-// it: far longer than a connect takes on a path that works.
-func (g *dialGate) hedgeAfter() time.Duration { return 8 * g.interval }
-
-// probe is the dial of a probe. While a pooler has said it has no server,
-// the pooler itself accepts connects, so the probe also makes a round
-// trip: only a statement that gets through shows a server behind it.
-func (c *Connector) probe(ctx context.Context) (driver.Conn, dialed, error) {
-	inner, d, err := c.dial(ctx)
-	if err != nil {
-		return nil, d, err
-	}
-	c.gate.mu.Lock()
-	rt := c.gate.roundTrip
-	c.gate.mu.Unlock()
-	if rt {
-		if err := roundTrip(ctx, inner); err != nil {
-			inner.Close()
-			return nil, d, ownTimeout(ctx, err)
-		}
-	}
-	return inner, d, nil
-}
-
-// roundTrip makes one round trip on a new inner connection: pgx's empty
-// statement, or the driver's Ping.
-func roundTrip(ctx context.Context, inner driver.Conn) error {
-	if sc, ok := UnwrapConn(inner).(*stdlib.Conn); ok {
-		return sc.Conn().PgConn().Ping(ctx)
-	}
-	if p, ok := inner.(driver.Pinger); ok {
-		return p.Ping(ctx)
-	}
-	return nil
 }
 
 // unavailable closes the gate on a pooler's answer that it has no server
@@ -369,6 +369,7 @@ func (g *dialGate) close(err error) {
 	g.state = gateDown
 	g.down.Store(true)
 	g.outProbes = 0
+	g.startingAt = time.Time{}
 	g.genAtClose = g.c.gen.Load()
 	g.bo.reset()
 	g.fail(err)
@@ -386,114 +387,44 @@ func (g *dialGate) fail(err error) {
 	now := time.Now()
 	g.lastFail = now
 	g.notBefore = now.Add(g.nextProbe(err))
+	if g.starting(now) {
+		// Paced from the newest probe's start, not from this rejection:
+		// see maxStartingProbes.
+		g.notBefore = g.probeAt.Add(jitterAround(g.interval))
+	}
 }
 
-// nextProbe is the wait before the probe after a dial that failed with
-// err. A refusal costs the server nothing (its kernel answers, or a proxy
-// in front of it closes before any server work), so it is probed at a
-// short jittered interval and the first probe after the server is back
-// comes within about one interval; so is a pooler waiting for its server,
-// which answers from its own state. A failover in progress (a live standby
-// where a primary is wanted) is probed at four intervals: each probe
-// costs the standby a login, and the wait is short. Everything else (starting up, too many connections, timeouts,
-// TLS or login failures) costs the server work: capped exponential
-// backoff with full jitter. mu is held.
-func (g *dialGate) nextProbe(err error) time.Duration {
-	switch probeKindOf(err) {
-	case probeRefused:
-		// The process that rejected at a cost is gone (a restart: "shutting
-		// down", refused, "starting up"): the next rejection opens a new
-		// episode, and must not wait out the old one's backoff.
-		g.bo.reset()
-		return jitterAround(g.interval)
-	case probeSoon:
-		return jitterAround(4 * g.interval)
-	}
-	return g.bo.next()
-}
-
-// jitterAround draws a wait uniformly from [d/2, 3d/2]: it averages d, so
-// the probe rate is bounded, and clients that failed together drift apart.
-func jitterAround(d time.Duration) time.Duration {
-	return d/2 + time.Duration(rand.Int64N(int64(d)+1))
-}
-
-// probeKind sorts a failed dial by what probing again costs the server.
-type probeKind uint8
-
-const (
-	probeCostly  probeKind = iota // the server did work to refuse: back off
-	probeRefused                  // refused or closed before any server work: probe often
-	probeSoon                     // a failover: probe soon, not often
-)
-
-func probeKindOf(err error) probeKind {
-	if _, ok := asType[*connectTimeoutError](err); ok {
-		return probeRefused // held by something in the way, or black-holed: no server work
-	}
-	if _, ok := asType[*targetMismatchError](err); ok {
-		return probeSoon // a live server of the wrong role: its peer may be promoted any moment
-	}
-	if poolerRetryLater(err) {
-		return probeRefused // the pooler answers from its own state: no server work
-	}
-	if _, ok := asType[*pgconn.PgError](err); ok {
-		return probeCostly // the server answered: a backend started, refused, ended
-	}
-	if _, ok := asType[*mysql.MySQLError](err); ok {
-		return probeCostly
-	}
-	if errors.Is(err, syscall.ECONNREFUSED) || Classify(err) == ClassConnLost && !isTimeout(err) {
-		return probeRefused // nothing listens, or a proxy with nothing behind it closed the socket
-	}
-	return probeCostly // timeouts, TLS, anything unknown
-}
-
-// isTimeout reports whether err is a timeout of some kind: a black-holed
-// address costs each probe a whole timeout, so it is not probed often.
-func isTimeout(err error) bool {
-	if errors.Is(err, syscall.ETIMEDOUT) || errors.Is(err, context.DeadlineExceeded) {
-		return true
-	}
-	ne, ok := asType[net.Error](err)
-	return ok && ne.Timeout()
-}
-
-// serverGone reports whether a failed dial shows the server process itself
-// away or changing: refused, reset or closed during the handshake (what a
-// proxy or load balancer in front of a stopped server does), starting up or
-// shutting down. "Too many connections" does not: the same server is still
-// there, and so is every pooled connection to it.
-func serverGone(err error) bool {
-	if errors.Is(err, syscall.ECONNREFUSED) || Classify(err) == ClassConnLost {
-		return true
-	}
-	if pe, ok := asType[*pgconn.PgError](err); ok {
-		return pe.Code == "57P03" || pe.Code == "57P01" || pe.Code == "57P02"
-	}
-	if me, ok := asType[*mysql.MySQLError](err); ok {
-		return me.Number == 1053
-	}
-	return false
-}
-
-// open marks the server up. mu is held. An outage's downtime ends at the
-// midpoint between the last failed probe and the first that got through:
-// the server came back somewhere in that gap, so the error is at most half
-// a backoff step.
-func (g *dialGate) open() {
+// open marks the server up, after a probe that began to dial at start got
+// an answer. mu is held. An outage's downtime ends at the midpoint between
+// the last failed probe and the first that got through: the server came
+// back somewhere in that gap, so the error is at most half a backoff step.
+//
+// A probe that began before start and is still dialing hangs on something
+// the answered one did not (a proxy holding a connect to the server that
+// was away): it is called off, and its caller dials like anyone else. One
+// that began later dials a server that answers: it goes on, and its
+// connection serves its caller, rather than being thrown away half-made
+// and dialed again, which on a restarted server busy with a whole fleet's
+// connects would double the work in front of every pool's first success.
+func (g *dialGate) open(start time.Time) {
+	now := time.Now()
 	if g.state == gateDown {
-		now := time.Now()
 		end := g.lastFail.Add(now.Sub(g.lastFail) / 2)
 		down := end.Sub(g.since)
 		g.c.stats.downNanos.Add(int64(down))
 		g.c.ev.emit(evServerUp, slog.LevelInfo, "resilientpg: server reachable again",
 			slog.Duration("downtime", down), slog.Int64("probes", g.outProbes))
 	}
+	if g.state != gateOpen {
+		g.recoveredAt = now
+	}
+	g.wantDone()
 	g.state, g.restarted, g.roundTrip, g.lastErr, g.patience = gateOpen, false, false, nil, 0
-	if g.opened != nil {
-		g.openProbes()
-		g.opened, g.openProbes = nil, nil
+	g.startingAt = time.Time{}
+	for _, r := range g.running {
+		if r.start.Before(start) || r.start.After(now) {
+			r.stop() // hanging, or still waiting for its time: dial now instead
+		}
 	}
 	g.down.Store(false)
 	g.suspectUntil.Store(0)
@@ -545,6 +476,7 @@ func (c *Connector) dialOnce(ctx context.Context, use *credUse) (driver.Conn, di
 		ctx = context.WithValue(ctx, sockKey{}, &d.sock)
 	}
 	start := time.Now()
+	d.start = start
 	conn, err := c.inner.Connect(ctx)
 	c.stats.connectNanos.Add(int64(time.Since(start)))
 	err = ownTimeout(ctx, err)
@@ -567,21 +499,26 @@ func (c *Connector) dialOnce(ctx context.Context, use *credUse) (driver.Conn, di
 // sockKey carries a *net.Conn from dial to the inner driver's dial hook.
 type sockKey struct{}
 
-// captureDial wraps a dial function so that it hands its socket to dial.
+// captureDial wraps a dial function so that it hands its socket, seen
+// through a wireConn, to dialOnce.
 func captureDial(dial func(ctx context.Context, network, addr string) (net.Conn, error)) func(ctx context.Context, network, addr string) (net.Conn, error) {
 	return func(ctx context.Context, network, addr string) (net.Conn, error) {
 		nc, err := dial(ctx, network, addr)
-		if p, ok := ctx.Value(sockKey{}).(*net.Conn); ok && err == nil {
-			*p = nc
+		if err != nil {
+			return nil, err
 		}
-		return nc, err
+		wc := newWireConn(nc)
+		if p, ok := ctx.Value(sockKey{}).(*net.Conn); ok {
+			*p = wc
+		}
+		return wc, nil
 	}
 }
 
 // stats is the gate's part of a Stats snapshot.
 func (g *dialGate) stats(k *counters) GateStats {
 	s := GateStats{Outages: k.outages.Load(), Probes: k.probes.Load(), Waited: k.waited.Load(),
-		FailedFast: k.failedFast.Load(), Downtime: time.Duration(k.downNanos.Load())}
+		FailedFast: k.failedFast.Load(), Held: k.fleetHeld.Load(), Downtime: time.Duration(k.downNanos.Load())}
 	g.mu.Lock()
 	switch g.state {
 	case gateSuspect:

@@ -125,9 +125,13 @@ func Classify(err error) Class {
 		return classifySQLState(se.SQLState())
 	}
 	switch {
-	case errors.Is(err, syscall.ECONNREFUSED), errors.Is(err, syscall.EHOSTUNREACH),
-		errors.Is(err, syscall.ENETUNREACH):
-		// Nothing listens or nothing routes: a new connection fails now.
+	case errors.Is(err, syscall.EHOSTUNREACH), errors.Is(err, syscall.ENETUNREACH):
+		if oe, ok := asType[*net.OpError](err); ok && (oe.Op == "read" || oe.Op == "write") {
+			return ClassConnLost // an established connection's path died under it
+		}
+		return ClassCannotConnect // nothing routes: a new connection fails now
+	case errors.Is(err, syscall.ECONNREFUSED):
+		// Nothing listens: a new connection fails now.
 		return ClassCannotConnect
 	case errors.Is(err, mysql.ErrInvalidConn), errors.Is(err, driver.ErrBadConn), errors.Is(err, pgconn.ErrConnClosed),
 		errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, net.ErrClosed),

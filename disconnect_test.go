@@ -86,6 +86,8 @@ func TestClassify(t *testing.T) {
 		{"ETIMEDOUT", opErr("read", syscall.ETIMEDOUT), ClassConnLost},
 		{"ECONNREFUSED", opErr("dial", syscall.ECONNREFUSED), ClassCannotConnect},
 		{"EHOSTUNREACH", opErr("dial", syscall.EHOSTUNREACH), ClassCannotConnect},
+		{"EHOSTUNREACH on an open connection", opErr("read", syscall.EHOSTUNREACH), ClassConnLost},
+		{"ENETUNREACH on a write", opErr("write", syscall.ENETUNREACH), ClassConnLost},
 		{"DNS failure", &net.OpError{Op: "dial", Err: &net.DNSError{Err: "no such host", Name: "db"}}, ClassCannotConnect},
 		{"driver read timeout", &net.OpError{Op: "read", Err: timeoutError{}}, ClassConnLost},
 	}

@@ -35,6 +35,7 @@ const (
 	keyRejectReadOnly    = "resilient_reject_read_only"
 	keyLog               = "resilient_log"
 	keyLeakThreshold     = "resilient_leak_threshold"
+	keyReap              = "resilient_reap"
 
 	keyPasswordFile = "resilient_password_file"
 	keyUserFile     = "resilient_user_file"
@@ -93,6 +94,7 @@ var dsnKeys = []dsnKey{
 	{keyLog, "off, error, warn, info or debug", enumKey(func(o *Options) *LogLevel { return &o.Log },
 		map[string]LogLevel{"off": LogOff, "error": LogError, "warn": LogWarn, "info": LogInfo, "debug": LogDebug})},
 	{keyLeakThreshold, "a duration >= 0 such as 30s (0 = off)", durationKey(func(o *Options) *time.Duration { return &o.LeakThreshold })},
+	{keyReap, "on or off", enumKey(func(o *Options) *bool { return &o.Reap }, map[string]bool{"on": true, "off": false})},
 	{keyPasswordFile, "an absolute path such as /run/secrets/db/password", pathKey(func(o *Options) *string { return &o.PasswordFile })},
 	{keyUserFile, "an absolute path such as /run/secrets/db/user", pathKey(func(o *Options) *string { return &o.UserFile })},
 }

@@ -81,6 +81,8 @@ func TestDSNKeysParsed(t *testing.T) {
 		{keyRejectReadOnly, "true", func(o *Options) { o.RejectReadOnly = ReadOnlyReject }},
 		{keyRejectReadOnly, "false", func(o *Options) { o.RejectReadOnly = ReadOnlyAllow }},
 		{keyRejectReadOnly, "auto", func(o *Options) { o.RejectReadOnly = ReadOnlyAuto }},
+		{keyReap, "off", func(o *Options) { o.Reap = false }},
+		{keyReap, "on", func(o *Options) { o.Reap = true }},
 		{keyPasswordFile, "/run/secrets/db/password", func(o *Options) { o.PasswordFile = "/run/secrets/db/password" }},
 		{keyPasswordFile, "/var/run/secrets/db/..data/password", func(o *Options) { o.PasswordFile = "/var/run/secrets/db/..data/password" }},
 	}
@@ -142,6 +144,8 @@ func TestDSNKeysRejected(t *testing.T) {
 		{keyLog, "WARN", "off, error, warn, info or debug"},
 		{keyLeakThreshold, "-1s", "duration >= 0"},
 		{keyLeakThreshold, "10", "duration"},
+		{keyReap, "false", "on or off"},
+		{keyReap, "OFF", "on or off"},
 		{"resilient_pingg", "always", "one of resilient_ping, "},
 		{"RESILIENT_PING", "always", "one of resilient_ping, "},
 		{"resilient_", "x", "one of"},

@@ -59,18 +59,23 @@ const (
 	evLeakReturned
 	evPoolExhausted
 	evDriverLog
+	evSessionReaped
+	evReapSkipped
+	evReapFailed
 	numEvents
 )
 
 var eventNames = [numEvents]string{"server.down", "server.up", "pool.invalidated", "conn.discarded",
-	"connect.failed", "leak.suspected", "leak.returned", "pool.exhausted", "driver.log"}
+	"connect.failed", "leak.suspected", "leak.returned", "pool.exhausted", "driver.log",
+	"session.reaped", "session.reap_skipped", "session.reap_failed"}
 
 // eventBurst is how many records of each event may be logged in one second;
 // the rest are counted and the count rides on the next record as
 // "suppressed". An outage can discard a pool's worth of connections and
 // fail hundreds of connects in a second: the log must not become the outage.
 var eventBurst = [numEvents]int{evServerDown: 5, evServerUp: 5, evPoolInvalidated: 5, evConnDiscarded: 20,
-	evConnectFailed: 1, evLeakSuspected: 20, evLeakReturned: 20, evPoolExhausted: 1, evDriverLog: 5}
+	evConnectFailed: 1, evLeakSuspected: 20, evLeakReturned: 20, evPoolExhausted: 1, evDriverLog: 5,
+	evSessionReaped: 20, evReapSkipped: 20, evReapFailed: 5}
 
 // events is a connector's logger. The zero value logs nothing; enabled is
 // the only cost on a hot path, a load and a compare.

@@ -146,6 +146,13 @@ type Options struct {
 	// Logger receives the events; nil means slog.Default(). Setting it
 	// with Log at LogOff is an error, since it would be silently unused.
 	Logger *slog.Logger
+	// Reap ends the server session of a connection discarded because its
+	// path died (a checkout ping that timed out, a keepalive or TCP user
+	// timeout), over a connection of its own, once it has checked the
+	// session is that connection's; see ReapStats (resilient_reap, on by
+	// default). PostgreSQL through pgx and MySQL through
+	// go-sql-driver/mysql dialed by the wrapper.
+	Reap bool
 	// LeakThreshold reports a connection held longer than this as
 	// leak.suspected, with the borrower's stack; 0 = off
 	// (resilient_leak_threshold).
@@ -228,6 +235,7 @@ func DefaultOptions() Options {
 		Keepalive:         defaultKeepalive,
 		TCPUserTimeout:    defaultUserTimeout,
 		ConnectWait:       defaultConnectWait,
+		Reap:              true,
 	}
 }
 

@@ -170,28 +170,41 @@ func TestMultiHostConnectTimeout(t *testing.T) {
 
 // TestPeekAfterLoss: a connection returned a moment ago is not peeked
 // (peekAfterIdle), unless a statement on another connection lost its
-// server since: then it is, and one the server closed is discarded before
-// a statement is sent into it.
+// server within lossPeekWindow, before or after this one came back: then
+// it is, and one the server closed is discarded before a statement is sent
+// into it.
 func TestPeekAfterLoss(t *testing.T) {
-	c, f := newFakeConnector(shapePgx, opts(func(o *Options) { o.Ping = PingNever }))
-	w, _ := connect(c, f)
-	client, server := tcpPair(t)
-	w.sock = newSockCheck(client)
-	server.Close()
-	if st := waitState(w.sock, sockClosed); st != sockClosed {
-		t.Fatalf("socket state %v after the peer closed", st)
-	}
-	w.lastActive = time.Now() // just returned
-	if err := w.ResetSession(context.Background()); err != nil {
-		t.Fatalf("returned a moment ago, no loss since: err %v, want no peek and no discard", err)
-	}
-	w.lastActive = time.Now()
-	c.lost(w.lastActive) // another connection lost the server as w came back
-	if err := w.ResetSession(context.Background()); !errors.Is(err, driver.ErrBadConn) {
-		t.Fatalf("after a loss: err %v, want the peek to discard it", err)
-	}
-	if n := c.Stats().Discards[DiscardServerClosed] + c.Stats().Discards[DiscardInvalidated]; n != 1 {
-		t.Errorf("discards %v", c.Stats().Discards)
+	const none = -1
+	for _, tc := range []struct {
+		name                 string
+		returnedAgo, lostAgo time.Duration // lostAgo none: no loss
+		peeked               bool
+	}{
+		{"no loss", 0, none, false},
+		{"loss as it came back", 0, 0, true},
+		{"loss after it came back", peekAfterIdle / 2, peekAfterIdle / 4, true},
+		{"loss within the window, before it came back", 0, lossPeekWindow / 2, true},
+		{"loss past the window", 0, 2 * lossPeekWindow, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c, f := newFakeConnector(shapePgx, opts(func(o *Options) { o.Ping = PingNever }))
+			w, _ := connect(c, f)
+			client, server := tcpPair(t)
+			w.sock = newSockCheck(client)
+			server.Close()
+			if st := waitState(w.sock, sockClosed); st != sockClosed {
+				t.Fatalf("socket state %v after the peer closed", st)
+			}
+			now := time.Now()
+			w.lastActive = now.Add(-tc.returnedAgo)
+			if tc.lostAgo != none {
+				c.lost(now.Add(-tc.lostAgo))
+			}
+			err := w.ResetSession(context.Background())
+			if got := errors.Is(err, driver.ErrBadConn); got != tc.peeked {
+				t.Fatalf("err %v: discarded %v, want %v", err, got, tc.peeked)
+			}
+		})
 	}
 }
 

@@ -156,6 +156,9 @@ func (c *conn) handleErr(ctx context.Context, err error, inTx bool) error {
 	case class == ClassConnLost || class == ClassShutdown:
 		c.bad.Store(true)
 		c.c.lost(time.Now())
+		if deadPathErr(err) {
+			c.deadPath.Store(true) // a TCP user timeout or keepalive: the server may not know
+		}
 	case class == ClassSessionTimeout:
 		c.bad.Store(true)
 	case c.c.creds != nil && privilegeRevoked(err):

@@ -12,10 +12,11 @@ import (
 type sockState uint8
 
 const (
-	sockAlive   sockState = iota // nothing to read: open as far as the kernel knows
-	sockPending                  // bytes are waiting: maybe a notification, maybe a farewell
-	sockFatal                    // the server sent a PostgreSQL ErrorResponse while idle
-	sockClosed                   // EOF or a socket error: the peer closed or reset it
+	sockAlive    sockState = iota // nothing to read: open as far as the kernel knows
+	sockPending                   // bytes are waiting: maybe a notification, maybe a farewell
+	sockFatal                     // the server sent a PostgreSQL ErrorResponse while idle
+	sockClosed                    // EOF or a socket error: the peer closed or reset it
+	sockDeadPath                  // the kernel gave up on the path (keepalive or user timeout, unreachable): the server may not know
 )
 
 // sockCheck peeks at an idle connection's socket with a non-blocking
@@ -75,6 +76,8 @@ func (s *sockCheck) peek(fd uintptr) {
 		s.state = sockAlive
 	case err == syscall.EINTR:
 		s.state = sockPending // unknown: let the ping decide
+	case err != nil && deadPathErr(err):
+		s.state = sockDeadPath
 	case err != nil, n == 0:
 		s.state = sockClosed
 	case s.plaintext && (s.mysql || s.buf[0] == 'E'):

@@ -11,6 +11,7 @@ const (
 	sockPending
 	sockFatal
 	sockClosed
+	sockDeadPath
 )
 
 // sockCheck is unavailable on this platform: checkouts rely on the ping

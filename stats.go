@@ -141,6 +141,7 @@ type GateStats struct {
 	Probes     int64         // connects made while the server was suspect or down
 	Waited     int64         // Connect calls that waited for another caller's probe
 	FailedFast int64         // Connect calls failed with a ServerDownError
+	Held       int64         // Connect calls held back after a recovery while other pools of the server had no connection yet
 }
 
 // Stats is a snapshot of what a Connector has done since it was made.
@@ -180,6 +181,8 @@ type Stats struct {
 	TxRetries       TxRetryCounts // attempts RunTx ran again, by cause
 	TxCommitUnknown int64         // Commits whose outcome is unknown (ErrCommitUnknown)
 	TxRefused       int64         // statements and Commits the transaction guard refused (ErrTxAborted) without sending them
+
+	Reap ReapStats // the server sessions of connections lost on a dead path, and what the reaper did with them
 }
 
 // counters is the live, atomic side of Stats. Each field is bumped at the
@@ -200,8 +203,8 @@ type counters struct {
 	retries           [numRetryReasons]atomic.Int64
 	invalidations     [numInvalidationCauses]atomic.Int64
 
-	outages, probes, waited, failedFast atomic.Int64
-	downNanos                           atomic.Int64 // closed outages only; the current one is added at snapshot
+	outages, probes, waited, failedFast, fleetHeld atomic.Int64
+	downNanos                                      atomic.Int64 // closed outages only; the current one is added at snapshot
 
 	checkedOut                    atomic.Int64
 	leaksSuspected, leaksReturned atomic.Int64
@@ -210,6 +213,8 @@ type counters struct {
 	txAttempts               atomic.Int64
 	txRetries                [numTxRetryCauses]atomic.Int64
 	commitUnknown, txRefused atomic.Int64
+
+	reapOrphans, reaped, reapNotOurs, reapGone, reapFailed atomic.Int64
 }
 
 // maxInto raises m to v if v is larger.
@@ -251,6 +256,7 @@ func (c *Connector) Stats() Stats {
 	load(s.Retries[:], k.retries[:])
 	load(s.Invalidations[:], k.invalidations[:])
 	s.Gate = c.gate.stats(k)
+	s.Reap = c.reapStats()
 	if oldest, ok := c.track.oldest(time.Now()); ok {
 		s.OldestCheckout = oldest
 	}

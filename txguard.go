@@ -129,8 +129,9 @@ func (t *tx) Commit() error {
 		return &txError{kind: ErrTxAborted, cause: t.ended}
 	}
 	if c.sock != nil {
-		if st := c.sock.check(); st == sockClosed || st == sockFatal {
+		if st := c.sock.check(); st == sockClosed || st == sockFatal || st == sockDeadPath {
 			c.bad.Store(true)
+			c.deadPath.Store(st == sockDeadPath)
 			_ = t.inner.Rollback()
 			c.c.stats.txRefused.Add(1)
 			return &txError{kind: ErrTxAborted, cause: ErrServerClosed}

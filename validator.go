@@ -26,11 +26,20 @@ var (
 // the server sent and the network delivered inside that gap; under load,
 // when connections are reused within microseconds, the peek's syscall would
 // be most of the wrapper's cost and almost never see anything. The
-// exception is a connection returned before another one lost its server
-// (Connector.lostAt): the server may have gone for it too, and without the
-// peek the next statement would be sent into a dead connection and fail in
-// flight.
+// exceptions follow a statement that lost its server on another
+// connection (Connector.lostAt): see lossPeekWindow.
 const peekAfterIdle = time.Millisecond
+
+// lossPeekWindow is how long after a statement lost its connection every
+// checkout peeks, however briefly idle the connection. A crash or an
+// immediate shutdown ends the server's sessions one by one over tens of
+// milliseconds on a busy machine: a connection that served a statement
+// after the first loss may have lost its own server a moment later, and
+// without the peek the next statement would be sent into it and fail in
+// flight. A connection returned before the loss is pinged too (under the
+// default policy), since its end may not have reached its socket yet. The
+// peek is one non-blocking syscall; a pool that lost nothing pays nothing.
+const lossPeekWindow = time.Second
 
 // ResetSession runs at every checkout of a used connection, cheapest check
 // first, and returns an error wrapping driver.ErrBadConn to have
@@ -40,13 +49,16 @@ const peekAfterIdle = time.Millisecond
 //
 //  1. marked bad, retired by a pool-wide invalidation, past max age, idle
 //     past max idle time: discard, no I/O;
-//  2. a non-blocking peek at the socket, if idle at least peekAfterIdle:
+//  2. a non-blocking peek at the socket, if idle at least peekAfterIdle
+//     or within lossPeekWindow of a statement losing its connection:
 //     closed or holding a server's farewell error: discard; holding other
 //     data: ping;
 //  3. closed or left inside a transaction (pgx), then the inner driver's
 //     reset (mysql: its own socket read);
-//  4. a round-trip ping if the policy says one is due, bounded by the
-//     smaller of the caller's deadline and PingTimeout.
+//  4. a round-trip ping if the policy says one is due (PingIdle: idle past
+//     PingIdle, or returned before a statement on another connection lost
+//     its server), bounded by the smaller of the caller's deadline and
+//     PingTimeout.
 //
 // If the caller's ctx ends, its error is returned and a healthy connection
 // is kept: database/sql then fails the caller's operation, not the conn.
@@ -72,11 +84,21 @@ func (c *conn) ResetSession(ctx context.Context) error {
 	if o.MaxIdleTime > 0 && idle > o.MaxIdleTime {
 		return c.discard(DiscardMaxIdle, ErrMaxIdle)
 	}
-	ping := o.Ping == PingAlways || (o.Ping == PingIdle && idle >= o.PingIdle)
-	if c.sock != nil && (idle >= peekAfterIdle || c.lastActive.UnixNano() <= c.c.lostAt.Load()) {
-		switch c.sock.check() {
-		case sockClosed, sockFatal:
+	// Returned before a statement on another connection lost its server:
+	// this one may be on its way out too (a shutdown ends sessions one by
+	// one; a crashed primary's take a moment to die), with nothing to see
+	// on its socket yet. A ping that fails costs nothing but the ping; a
+	// statement that fails was in flight and is lost.
+	lostAt := c.c.lostAt.Load()
+	afterLoss := c.lastActive.UnixNano() <= lostAt
+	ping := o.Ping == PingAlways || (o.Ping == PingIdle && (idle >= o.PingIdle || afterLoss))
+	if c.sock != nil && (idle >= peekAfterIdle || afterLoss || now.UnixNano()-lostAt < int64(lossPeekWindow)) {
+		switch st := c.sock.check(); st {
+		case sockClosed, sockFatal, sockDeadPath:
 			c.bad.Store(true)
+			if st == sockDeadPath {
+				c.deadPath.Store(true) // the server may not know: reap its session
+			}
 			c.c.gate.suspect()
 			if c.c.everySessionEnded(c, now) {
 				// A shutdown or restart ended them all: retire the pool
@@ -160,6 +182,12 @@ func (c *conn) ping(ctx context.Context) error {
 	}
 	k.pingFailures.Add(1)
 	c.bad.Store(true)
+	if ctx.Err() == nil && errors.Is(err, context.DeadlineExceeded) || deadPathErr(err) {
+		// No answer within PingTimeout (the caller's own deadline was ruled
+		// out above): the path, or the server, is gone, and the session
+		// may live on.
+		c.deadPath.Store(true)
+	}
 	if cause, ok := serverWide(err); ok {
 		c.c.invalidate(c.gen, cause) // a crash ends every session, not just this one
 	}
@@ -250,8 +278,11 @@ func (c *Connector) everySessionEnded(dead *conn, now time.Time) bool {
 			ended++
 			continue
 		}
-		switch w.sock.peekOther() {
-		case sockClosed, sockFatal:
+		switch st := w.sock.peekOther(); st {
+		case sockClosed, sockFatal, sockDeadPath:
+			if st == sockDeadPath {
+				w.deadPath.Store(true) // the kernel reports it once: remember it for the reaper
+			}
 			ended++
 		default:
 			return retired() // one is alive: only some sessions ended

@@ -57,6 +57,18 @@ func TestResetSessionBranches(t *testing.T) {
 			want: want{pings: 1, innerRsts: 1, valid: true}},
 		{name: "never pings", opts: func(o *Options) { o.Ping = PingNever }, idle: 20 * time.Minute,
 			want: want{innerRsts: 1, valid: true}},
+		{name: "returned before another lost its server: ping", idle: 10 * time.Millisecond,
+			setup: func(_ *fakeConn, c *conn) { c.c.lost(c.lastActive) },
+			want:  want{pings: 1, innerRsts: 1, valid: true}},
+		{name: "returned before a loss, ping dead: discard before any statement", idle: 10 * time.Millisecond,
+			setup: func(f *fakeConn, c *conn) {
+				c.c.lost(c.lastActive)
+				f.pingErr = func(context.Context) error { return io.EOF }
+			},
+			want: want{err: io.EOF, badConn: true, pings: 1, innerRsts: 1}},
+		{name: "returned before a loss, policy never: no ping", opts: func(o *Options) { o.Ping = PingNever }, idle: 10 * time.Millisecond,
+			setup: func(_ *fakeConn, c *conn) { c.c.lost(c.lastActive) },
+			want:  want{innerRsts: 1, valid: true}},
 		{name: "past max age: discard without ping", opts: func(o *Options) { o.MaxAge = time.Minute },
 			idle: time.Minute, want: want{err: ErrMaxAge, badConn: true}},
 		{name: "idle past max idle: discard without ping", opts: func(o *Options) { o.MaxIdleTime = 10 * time.Second },

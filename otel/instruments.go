@@ -74,6 +74,8 @@ func (b *builder) define() {
 		func(s *stats) int64 { return s.Gate.Waited })
 	b.counter("resilientpg.connect.failed_fast", "{call}", "Connect calls failed at once because the server was known to be down.",
 		func(s *stats) int64 { return s.Gate.FailedFast })
+	b.counter("resilientpg.connect.held", "{call}", "Connect calls held back after a recovery while other pools of the server had no connection yet.",
+		func(s *stats) int64 { return s.Gate.Held })
 
 	b.upDown("resilientpg.checked_out", "{connection}", "Connections held by callers.",
 		func(s *stats) int64 { return s.CheckedOut })
@@ -94,6 +96,17 @@ func (b *builder) define() {
 		func(s *stats) int64 { return s.TxCommitUnknown })
 	b.counter("resilientpg.tx.refused", "{statement}", "Statements and Commits the transaction guard refused (ErrTxAborted) without sending them.",
 		func(s *stats) int64 { return s.TxRefused })
+
+	b.counter("resilientpg.reap.orphans", "{connection}", "Connections discarded on a dead path, whose server session may live on.",
+		func(s *stats) int64 { return s.Reap.Orphans })
+	b.reapSessions()
+	b.upDown("resilientpg.reap.off", "1", "1 if reaping is off for this pool (a permission error, or resilient_reap=off), else 0.",
+		func(s *stats) int64 {
+			if s.Reap.Off {
+				return 1
+			}
+			return 0
+		})
 }
 
 // add keeps the instrument for the callback, or the first error.
@@ -164,6 +177,23 @@ func (b *builder) serverState() {
 				v = 1
 			}
 			o.ObserveInt64(inst, v, opts[i])
+		}
+	})
+}
+
+// reapSessions observes each reap outcome with outcome=its label. The
+// counts come as an array value (ReapStats.ByOutcome), which counterBy's
+// slice would make escape at every collection.
+func (b *builder) reapSessions() {
+	inst, err := b.m.Int64ObservableCounter("resilientpg.reap.sessions", metric.WithUnit("{session}"),
+		metric.WithDescription("Server sessions of orphaned connections the reaper dealt with, by outcome."))
+	var opts [len(resilientpg.ReapOutcomeCounts{})]metric.ObserveOption
+	for i := range opts {
+		opts[i] = metric.WithAttributeSet(attribute.NewSet(b.pool, attribute.String("outcome", resilientpg.ReapOutcome(i).String())))
+	}
+	b.add(inst, err, func(o metric.Observer, s *stats) {
+		for i, n := range s.Reap.ByOutcome() {
+			o.ObserveInt64(inst, n, opts[i])
 		}
 	})
 }

@@ -31,14 +31,17 @@ var kinds = map[string]string{
 	"resilientpg.statement.not_retried": "counter {statement}", "resilientpg.invalidations": "counter {invalidation}",
 	"resilientpg.server.state": "updown 1", "resilientpg.outages": "counter {outage}",
 	"resilientpg.downtime": "counter s", "resilientpg.connect.probes": "counter {attempt}",
-	"resilientpg.connect.waited": "counter {call}", "resilientpg.connect.failed_fast": "counter {call}",
+	"resilientpg.connect.waited": "counter {call}", "resilientpg.connect.failed_fast": "counter {call}", "resilientpg.connect.held": "counter {call}",
 	"resilientpg.checked_out": "updown {connection}", "resilientpg.checkout.oldest": "gauge s",
 	"resilientpg.leaks.suspected": "counter {checkout}", "resilientpg.leaks.returned": "counter {checkout}",
 	"resilientpg.pool.exhausted": "counter {report}",
 	"resilientpg.tx.attempts":    "counter {transaction}", "resilientpg.tx.retries": "counter {transaction}",
 	"resilientpg.tx.commit_unknown": "counter {transaction}", "resilientpg.tx.refused": "counter {statement}",
+	"resilientpg.reap.orphans": "counter {connection}", "resilientpg.reap.sessions": "counter {session}",
+	"resilientpg.reap.off": "updown 1",
 }
 
+// synthetic is killtest.Synthetic with values of their own in Reap too.
 func TestRegisterMapsEveryField(t *testing.T) {
 	db := sql.OpenDB(&killtest.FakeConnector{})
 	defer db.Close()
@@ -59,10 +62,13 @@ func TestRegisterMapsEveryField(t *testing.T) {
 		"resilientpg.server.state{state=up}": 0, "resilientpg.server.state{state=suspect}": 1,
 		"resilientpg.server.state{state=down}": 0, "resilientpg.outages": 107,
 		"resilientpg.downtime": 3, "resilientpg.connect.probes": 108,
-		"resilientpg.connect.waited": 109, "resilientpg.connect.failed_fast": 110,
+		"resilientpg.connect.waited": 109, "resilientpg.connect.failed_fast": 110, "resilientpg.connect.held": 123,
 		"resilientpg.checked_out": 111, "resilientpg.checkout.oldest": 4,
 		"resilientpg.leaks.suspected": 112, "resilientpg.leaks.returned": 113,
 		"resilientpg.tx.attempts": 115, "resilientpg.tx.commit_unknown": 116, "resilientpg.tx.refused": 117,
+		"resilientpg.reap.orphans": 118, "resilientpg.reap.sessions{outcome=reaped}": 119,
+		"resilientpg.reap.sessions{outcome=not_ours}": 120, "resilientpg.reap.sessions{outcome=gone}": 121,
+		"resilientpg.reap.sessions{outcome=failed}": 122, "resilientpg.reap.off": 1,
 	}
 	for i, l := range killtest.TxCauseLabels {
 		want["resilientpg.tx.retries{cause="+l+"}"] = float64(800 + i)
@@ -93,6 +99,48 @@ func TestRegisterMapsEveryField(t *testing.T) {
 	for k := range got {
 		if _, ok := want[k]; !ok {
 			t.Errorf("unexpected data point %s", k)
+		}
+	}
+}
+
+// TestRegisterReap: the reaper's account, alone in an otherwise zero
+// Stats, reaches its own instruments with the outcome attribute, and
+// reap.off follows Off both ways.
+func TestRegisterReap(t *testing.T) {
+	db := sql.OpenDB(&killtest.FakeConnector{})
+	defer db.Close()
+	for _, off := range []bool{false, true} {
+		s := resilientpg.Stats{Reap: resilientpg.ReapStats{Orphans: 9, Reaped: 4, NotOurs: 2, Gone: 1, Failed: 1, Off: off}}
+		reader := sdkmetric.NewManualReader()
+		mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(reader))
+		if _, err := resilientotel.RegisterFrom(db, "orders", mp, func() (resilientpg.Stats, bool) { return s, true }); err != nil {
+			t.Fatal(err)
+		}
+		got := collect(t, reader, "orders")
+		wantOff := 0.0
+		if off {
+			wantOff = 1
+		}
+		for k, v := range map[string]float64{
+			"resilientpg.reap.orphans":                    9,
+			"resilientpg.reap.sessions{outcome=reaped}":   4,
+			"resilientpg.reap.sessions{outcome=not_ours}": 2,
+			"resilientpg.reap.sessions{outcome=gone}":     1,
+			"resilientpg.reap.sessions{outcome=failed}":   1,
+			"resilientpg.reap.off":                        wantOff,
+		} {
+			if g, ok := got[k]; !ok || g != v {
+				t.Errorf("Off %v: %s = %v (present %v), want %v", off, k, g, ok, v)
+			}
+		}
+		n := 0
+		for k := range got {
+			if strings.HasPrefix(k, "resilientpg.reap.sessions") {
+				n++
+			}
+		}
+		if n != 4 {
+			t.Errorf("Off %v: %d resilientpg.reap.sessions data points, want 4", off, n)
 		}
 	}
 }

@@ -20,10 +20,11 @@ import (
 
 // gauges are the metric families that are not counters.
 var gauges = []string{"resilientpg_conns_open", "resilientpg_ping_max_seconds", "resilientpg_server_state",
-	"resilientpg_checked_out", "resilientpg_oldest_checkout_seconds"}
+	"resilientpg_checked_out", "resilientpg_oldest_checkout_seconds", "resilientpg_reap_off"}
 
-const numFamilies = 31
+const numFamilies = 34
 
+// synthetic is killtest.Synthetic with values of their own in Reap too.
 func TestCollectorMapsEveryField(t *testing.T) {
 	c := resilientprom.NewCollectorFrom(func() (resilientpg.Stats, bool) { return killtest.Synthetic(), true }, "orders")
 	want := map[string]float64{
@@ -34,11 +35,14 @@ func TestCollectorMapsEveryField(t *testing.T) {
 		`resilientpg_server_state{state="up"}`: 0, `resilientpg_server_state{state="suspect"}`: 1,
 		`resilientpg_server_state{state="down"}`: 0, "resilientpg_outages_total": 107,
 		"resilientpg_downtime_seconds_total": 3, "resilientpg_connect_probes_total": 108,
-		"resilientpg_connect_waited_total": 109, "resilientpg_connect_failed_fast_total": 110,
+		"resilientpg_connect_waited_total": 109, "resilientpg_connect_failed_fast_total": 110, "resilientpg_connect_held_total": 123,
 		"resilientpg_checked_out": 111, "resilientpg_oldest_checkout_seconds": 4,
 		"resilientpg_leaks_suspected_total": 112, "resilientpg_leaks_returned_total": 113,
 		"resilientpg_pool_exhausted_total": 114,
 		"resilientpg_tx_attempts_total":    115, "resilientpg_tx_commit_unknown_total": 116, "resilientpg_tx_refused_total": 117,
+		"resilientpg_reap_orphans_total": 118, `resilientpg_reap_sessions_total{outcome="reaped"}`: 119,
+		`resilientpg_reap_sessions_total{outcome="not_ours"}`: 120, `resilientpg_reap_sessions_total{outcome="gone"}`: 121,
+		`resilientpg_reap_sessions_total{outcome="failed"}`: 122, "resilientpg_reap_off": 1,
 	}
 	for i, l := range killtest.TxCauseLabels {
 		want[`resilientpg_tx_retries_total{cause="`+l+`"}`] = float64(800 + i)
@@ -76,6 +80,43 @@ func TestCollectorMapsEveryField(t *testing.T) {
 	}
 	if n := testutil.CollectAndCount(c); n != len(want) {
 		t.Errorf("collected %d series, want %d", n, len(want))
+	}
+}
+
+// TestCollectorReap: the reaper's account, alone in an otherwise zero
+// Stats, reaches its own series with the outcome label, and reap_off
+// follows Off both ways.
+func TestCollectorReap(t *testing.T) {
+	for _, off := range []bool{false, true} {
+		s := resilientpg.Stats{Reap: resilientpg.ReapStats{Orphans: 9, Reaped: 4, NotOurs: 2, Gone: 1, Failed: 1, Off: off}}
+		reg := prometheus.NewPedanticRegistry()
+		reg.MustRegister(resilientprom.NewCollectorFrom(func() (resilientpg.Stats, bool) { return s, true }, "orders"))
+		got := gather(t, reg, "orders")
+		wantOff := 0.0
+		if off {
+			wantOff = 1
+		}
+		for k, v := range map[string]float64{
+			"resilientpg_reap_orphans_total":                      9,
+			`resilientpg_reap_sessions_total{outcome="reaped"}`:   4,
+			`resilientpg_reap_sessions_total{outcome="not_ours"}`: 2,
+			`resilientpg_reap_sessions_total{outcome="gone"}`:     1,
+			`resilientpg_reap_sessions_total{outcome="failed"}`:   1,
+			"resilientpg_reap_off":                                wantOff,
+		} {
+			if g, ok := got[k]; !ok || g != v {
+				t.Errorf("Off %v: %s = %v (present %v), want %v", off, k, g, ok, v)
+			}
+		}
+		n := 0
+		for k := range got {
+			if strings.HasPrefix(k, "resilientpg_reap_sessions_total") {
+				n++
+			}
+		}
+		if n != 4 {
+			t.Errorf("Off %v: %d resilientpg_reap_sessions_total series, want 4", off, n)
+		}
 	}
 }
 

@@ -67,5 +67,5 @@ func Example() {
 	// resilientpg_server_state{db_name="orders",state="down"} 0
 	// resilientpg_server_state{db_name="orders",state="suspect"} 0
 	// resilientpg_server_state{db_name="orders",state="up"} 1
-	// 31 resilientpg metrics
+	// 34 resilientpg metrics
 }

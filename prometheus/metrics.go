@@ -84,6 +84,8 @@ var definitions = []definition{
 		func(s *resilientpg.Stats) float64 { return float64(s.Gate.Waited) }),
 	counter("resilientpg_connect_failed_fast_total", "Connect calls failed at once because the server was known to be down.",
 		func(s *resilientpg.Stats) float64 { return float64(s.Gate.FailedFast) }),
+	counter("resilientpg_connect_held_total", "Connect calls held back after a recovery while other pools of the server had no connection yet.",
+		func(s *resilientpg.Stats) float64 { return float64(s.Gate.Held) }),
 
 	gauge("resilientpg_checked_out", "Connections held by callers.",
 		func(s *resilientpg.Stats) float64 { return float64(s.CheckedOut) }),
@@ -111,6 +113,25 @@ var definitions = []definition{
 		func(s *resilientpg.Stats) float64 { return float64(s.TxCommitUnknown) }),
 	counter("resilientpg_tx_refused_total", "Statements and Commits the transaction guard refused (ErrTxAborted) without sending them.",
 		func(s *resilientpg.Stats) float64 { return float64(s.TxRefused) }),
+
+	counter("resilientpg_reap_orphans_total", "Connections discarded on a dead path, whose server session may live on.",
+		func(s *resilientpg.Stats) float64 { return float64(s.Reap.Orphans) }),
+	{
+		name: "resilientpg_reap_sessions_total", help: "Server sessions of orphaned connections the reaper dealt with, by outcome.",
+		label: "outcome", typ: prometheus.CounterValue,
+		emit: func(s *resilientpg.Stats, add func(float64, ...string)) {
+			for o, n := range s.Reap.ByOutcome() {
+				add(float64(n), resilientpg.ReapOutcome(o).String())
+			}
+		},
+	},
+	gauge("resilientpg_reap_off", "1 if reaping is off for this pool (a permission error, or resilient_reap=off), else 0.",
+		func(s *resilientpg.Stats) float64 {
+			if s.Reap.Off {
+				return 1
+			}
+			return 0
+		}),
 }
 
 func seconds(d time.Duration) float64 { return d.Seconds() }

@@ -13,9 +13,10 @@ func Synthetic() resilientpg.Stats {
 		ConnectTime: 1500 * time.Millisecond, Checkouts: 104, Pings: 105, PingFailures: 106,
 		PingTime: 2500 * time.Millisecond, PingTimeMax: 250 * time.Millisecond,
 		Gate: resilientpg.GateStats{State: resilientpg.ServerSuspect, Outages: 107, Downtime: 3 * time.Second,
-			Probes: 108, Waited: 109, FailedFast: 110},
+			Probes: 108, Waited: 109, FailedFast: 110, Held: 123},
 		CheckedOut: 111, OldestCheckout: 4 * time.Second, LeaksSuspected: 112, LeaksReturned: 113, PoolExhausted: 114,
-		TxAttempts: 115, TxCommitUnknown: 116, TxRefused: 117}
+		TxAttempts: 115, TxCommitUnknown: 116, TxRefused: 117,
+		Reap: resilientpg.ReapStats{Orphans: 118, Reaped: 119, NotOurs: 120, Gone: 121, Failed: 122, Off: true}}
 	for i := range s.TxRetries {
 		s.TxRetries[i] = int64(800 + i)
 	}
