@@ -39,6 +39,7 @@ func optsA() resilientpg.Options {
 	o.RejectReadOnly = resilientpg.ReadOnlyReject
 	o.Log = resilientpg.LogError
 	o.LeakThreshold = 90 * time.Second
+	o.Reap = false
 	return o
 }
 
@@ -61,6 +62,7 @@ func optsB() resilientpg.Options {
 	o.RejectReadOnly = resilientpg.ReadOnlyAllow
 	o.Log = resilientpg.LogError
 	o.LeakThreshold = 2 * time.Minute
+	o.Reap = true
 	return o
 }
 
@@ -85,6 +87,7 @@ func keysA(pct string) []string {
 		"resilient_reject_read_only=true",
 		"resilient_log=error",
 		"resilient_leak_threshold=90s",
+		"resilient_reap=off",
 	}
 }
 
@@ -107,6 +110,7 @@ func keysB() []string {
 		"resilient_reject_read_only=false",
 		"resilient_log=error",
 		"resilient_leak_threshold=2m",
+		"resilient_reap=on",
 	}
 }
 

@@ -1,6 +1,9 @@
 package integration
 
 import (
+	"context"
+	"database/sql"
+	"errors"
 	"fmt"
 	"slices"
 	"strconv"
@@ -77,6 +80,7 @@ func (r *fleetResult) measure(pools []*scPool, sampler *acceptSampler) {
 		d    time.Duration
 	}
 	var firsts []first
+	oks := make(map[string]time.Duration, len(pools)) // each pool's first success after the stop
 	for _, p := range pools {
 		ok := time.Duration(-1)
 		for _, o := range p.rec.snapshot() {
@@ -102,8 +106,17 @@ func (r *fleetResult) measure(pools []*scPool, sampler *acceptSampler) {
 			r.noOK++
 			continue
 		}
-		firsts = append(firsts, first{p.name, ok - r.up})
-		r.firstOK = append(r.firstOK, ok-r.up)
+		oks[p.name] = ok
+	}
+	// The server accepted again when the first client was seen to get in:
+	// the direct poller, or a pool of the fleet before it.
+	r.in = r.upIn()
+	for _, ok := range oks {
+		r.in = min(r.in, ok)
+	}
+	for name, ok := range oks {
+		firsts = append(firsts, first{name, ok - r.in})
+		r.firstOK = append(r.firstOK, ok-r.in)
 	}
 	slices.SortFunc(firsts, func(a, b first) int { return int(b.d - a.d) })
 	for _, f := range firsts[:min(3, len(firsts))] {
@@ -142,7 +155,10 @@ func (r *fleetResult) measure(pools []*scPool, sampler *acceptSampler) {
 		r.downBuckets = append(r.downBuckets, sampler.at(min(b+fleetBucket, atUp.at)).n-from)
 	}
 	r.afterUp1s = sampler.at(r.up+time.Second).n - atUp.n
-	r.connectsAllowed = int64(fleetPools*scRefusalRate*r.downWindow.Seconds()+0.5) + fleetPools*fleetWorkers
+	// One probe schedule for the fleet (its pools share it), one probe per
+	// pool as each loses its connections, before any knows the server is
+	// away, and one per busy connection (pgx's cancel requests).
+	r.connectsAllowed = int64(scRefusalRate*r.downWindow.Seconds()+0.5) + fleetPools + fleetPools*fleetWorkers
 }
 
 func (r *fleetResult) downRate() float64 { return float64(r.downAttempts) / r.downWindow.Seconds() }
@@ -158,32 +174,32 @@ func (r *fleetResult) goalsMissed() []string {
 	if r.noOK > 0 {
 		out = append(out, fmt.Sprintf("%s: %d of %d pools had no successful operation after the restart", r.name, r.noOK, fleetPools))
 	}
-	if len(r.firstOK) > 0 && r.maxFirst > fleetRecover {
+	if len(r.firstOK) > 0 && r.maxFirst > r.recoverBound {
 		late := 0
 		for _, d := range r.firstOK {
-			if d > fleetRecover {
+			if d > r.recoverBound {
 				late++
 			}
 		}
-		out = append(out, fmt.Sprintf("%s: %d pools' first success came later than %v after the server accepted again (max %s, p50 %s; slowest %s)",
-			r.name, late, fleetRecover, upRel(r.maxFirst), upRel(r.p50), strings.Join(r.slowest, ", ")))
+		out = append(out, fmt.Sprintf("%s: %d pools' first success came later than %v after the server accepted again (max %s, p50 %s; slowest %s; the server let in %d direct sessions at once in %v)",
+			r.name, late, r.recoverBound, upRel(r.maxFirst), upRel(r.p50), strings.Join(r.slowest, ", "), fleetPools*fleetWorkers, fmtDur(r.atOnce)))
 	}
 	if r.downAttempts > r.connectsAllowed {
-		out = append(out, fmt.Sprintf("%s: %d connection attempts reached the proxy in the %v the server was down (%.0f/s; per %v: %s), want <= %d (%d pools x %d/s plus one per busy connection, %d)",
+		out = append(out, fmt.Sprintf("%s: %d connection attempts reached the proxy in the %v the server was down (%.0f/s; per %v: %s), want <= %d (%d/s for the fleet, plus one per pool as it lost its connections, %d, and one per busy connection, %d)",
 			r.name, r.downAttempts, fmtDur(r.downWindow), r.downRate(), fleetBucket, joinInts(r.downBuckets), r.connectsAllowed,
-			fleetPools, scRefusalRate, fleetPools*fleetWorkers))
+			scRefusalRate, fleetPools, fleetPools*fleetWorkers))
 	}
 	return out
 }
 
 func (r *fleetResult) log(t *testing.T) {
 	t.Helper()
-	t.Logf("%s fleet: fast restart: stop %v..%v, start %v..%v, accepting again at %v (watchUp); %d client sessions before the stop",
-		r.name, fmtDur(r.stopBegin), fmtDur(r.stopEnd), fmtDur(r.startBegin), fmtDur(r.startEnd), fmtDur(r.up), r.sessionsBefore)
+	t.Logf("%s fleet: fast restart: stop %v..%v, start %v..%v, accepting again at %v (the first client seen to get in; a direct poller's session began at %v and got in at %v); %d client sessions before the stop",
+		r.name, fmtDur(r.stopBegin), fmtDur(r.stopEnd), fmtDur(r.startBegin), fmtDur(r.startEnd), fmtDur(r.in), fmtDur(r.up), fmtDur(r.upIn()), r.sessionsBefore)
 	t.Logf("%s fleet: %d ops, %d failed, %d with too many connections (%d outside the window); errors: %s",
 		r.name, r.ops, r.failed, r.tooMany, len(r.tooManyOutside), r.errKinds)
-	t.Logf("%s fleet: first success after the stop, per pool: max %s, p50 %s, %d pools without; slowest %s",
-		r.name, upRel(r.maxFirst), upRel(r.p50), r.noOK, strings.Join(r.slowest, ", "))
+	t.Logf("%s fleet: first success after the stop, per pool: max %s, p50 %s, %d pools without; slowest %s; bound %v (the server let in %d direct sessions at once in %v)",
+		r.name, upRel(r.maxFirst), upRel(r.p50), r.noOK, strings.Join(r.slowest, ", "), fmtDur(r.recoverBound), fleetPools*fleetWorkers, fmtDur(r.atOnce))
 	t.Logf("%s fleet: connects while down %d in %v (%.0f/s, bound %d; per %v: %s); in the first second after up %d; %d accepted in all",
 		r.name, r.downAttempts, fmtDur(r.downWindow), r.downRate(), r.connectsAllowed, fleetBucket, joinInts(r.downBuckets), r.afterUp1s, r.acceptsTotal)
 	if r.wrapperAccount != "" {
@@ -197,9 +213,9 @@ func (r *fleetResult) row() string {
 	if !r.wrapper {
 		role = "measured"
 	}
-	return fmt.Sprintf("%-14s (%s): down %v; ops %d, failed %d, too-many %d (outside the window %d); first success max %s p50 %s (%d pools none); connects while down %.0f/s (%d in %v, bound %d), first second after up %d",
+	return fmt.Sprintf("%-14s (%s): down %v; ops %d, failed %d, too-many %d (outside the window %d); first success max %s p50 %s (%d pools none; bound %v, %d direct sessions at once took %v); connects while down %.0f/s (%d in %v, bound %d), first second after up %d",
 		r.name, role, fmtDur(r.up-r.stopBegin), r.ops, r.failed, r.tooMany, len(r.tooManyOutside), upRel(r.maxFirst), upRel(r.p50), r.noOK,
-		r.downRate(), r.downAttempts, fmtDur(r.downWindow), r.connectsAllowed, r.afterUp1s)
+		fmtDur(r.recoverBound), fleetPools*fleetWorkers, fmtDur(r.atOnce), r.downRate(), r.downAttempts, fmtDur(r.downWindow), r.connectsAllowed, r.afterUp1s)
 }
 
 func joinInts(ns []int64) string {
@@ -210,10 +226,51 @@ func joinInts(ns []int64) string {
 	return strings.Join(parts, ",")
 }
 
-// upRel renders a moment relative to the server's coming back: "up+120ms".
+// upRel renders a moment relative to the server's accepting again (in):
+// "in+120ms".
 func upRel(d time.Duration) string {
 	if d < 0 {
-		return "up-" + fmtDur(-d)
+		return "in-" + fmtDur(-d)
 	}
-	return "up+" + fmtDur(d)
+	return "in+" + fmtDur(d)
+}
+
+// openAtOnce opens n sessions at once through dsn with the bare driver,
+// each with a round trip, and returns how long the last took to get in:
+// the least time in which the server can serve a fleet whose workers all
+// ask for a session together, as they do when it comes back. The sessions
+// are closed, and gone from the server, before it returns.
+func openAtOnce(t *testing.T, ctx context.Context, e scEngine, dsn string, n int) time.Duration {
+	t.Helper()
+	db, err := sql.Open(e.bare, dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	db.SetMaxOpenConns(n)
+	octx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	conns := make([]*sql.Conn, n)
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	start := time.Now()
+	for i := range n {
+		wg.Go(func() {
+			conns[i], errs[i] = db.Conn(octx)
+			if errs[i] == nil {
+				errs[i] = conns[i].PingContext(octx)
+			}
+		})
+	}
+	wg.Wait()
+	took := time.Since(start)
+	for _, c := range conns {
+		if c != nil {
+			c.Close()
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		t.Fatalf("precondition: %d direct sessions at once: %v", n, err)
+	}
+	return took
 }

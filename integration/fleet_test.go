@@ -46,14 +46,17 @@ const (
 // Asserted for the wrapper fleet:
 //  1. no operation fails with "too many connections" (PostgreSQL 53300,
 //     MariaDB 1040) outside the restart window, from the stop's beginning
-//     to the moment the server accepts again (watchUp's direct probe);
+//     to the moment a direct client's session that got in began (watchUp);
 //  2. every pool has a successful operation within fleetRecover (1 s) of
-//     the server accepting again;
+//     the server accepting again: of the first client seen to get in, that
+//     session or a pool's (the time the server itself took to let in the
+//     fleet's 100 sessions at once, openAtOnce, is logged beside);
 //  3. while the server is down (from the stop's beginning to the last
 //     10 ms sample of the proxy's count at or before it accepts again) the
-//     fleet's connect attempts stay within fleetPools x scRefusalRate =
-//     2,000 a second plus one per busy connection (100): each pool's gate
-//     probes a refusal at most about 40 times a second.
+//     fleet's connect attempts stay within scRefusalRate (40) a second,
+//     plus one per pool (50) as it loses its connections and one per busy
+//     connection (100): the pools of one server in one process share one
+//     probe schedule (resilientpg's serverFleet).
 //
 // The same runs with a bare fleet (pgx, go-sql-driver/mysql) against a
 // fresh server of the same configuration, measured only; the goals it
@@ -195,19 +198,23 @@ type fleetResult struct {
 	wrapper bool
 
 	stopBegin, stopEnd, startBegin, startEnd time.Duration
-	up                                       time.Duration // the server accepted sessions again (watchUp)
+	up                                       time.Duration // a polling client's session that got in began (watchUp)
+	upConnect                                time.Duration // how long that session took to get in
+	in                                       time.Duration // the server accepted again: the first client, poller or pool, seen to get in
 	sessionsBefore                           int           // the server's client sessions just before the stop
 
 	ops, failed     int
 	tooMany         int
 	tooManyOutside  []scOp // failed with too many connections outside stopBegin..up
 	errKinds        string
-	firstOK         []time.Duration // per pool with one: first success after the stop, relative to up
+	firstOK         []time.Duration // per pool with one: first success after the stop, relative to in
 	slowest         []string        // the pools whose first success came latest
 	noOK            int             // pools without a success after the stop
 	maxFirst, p50   time.Duration
-	accStop         int64 // the proxy's accept count as the stop began
-	downAttempts    int64 // connects reaching the proxy from the stop's beginning to up
+	atOnce          time.Duration // the server let in fleetPools x fleetWorkers direct sessions at once in this
+	recoverBound    time.Duration // goal 2's bound: fleetRecover
+	accStop         int64         // the proxy's accept count as the stop began
+	downAttempts    int64         // connects reaching the proxy from the stop's beginning to up
 	downWindow      time.Duration
 	downBuckets     []int64 // of those, per fleetBucket
 	afterUp1s       int64   // connects in the first second after up
@@ -215,6 +222,9 @@ type fleetResult struct {
 	wrapperAccount  string
 	connectsAllowed int64
 }
+
+// upIn is when the direct poller's session got in (see scFault.settleIn).
+func (r *fleetResult) upIn() time.Duration { return r.up + r.upConnect }
 
 // runFleet runs the fleet of 50 pools against srv through one proxy,
 // restarts the server under load and returns what the fleet saw.
@@ -227,6 +237,8 @@ func runFleet(t *testing.T, e scEngine, srv *scServer, wrapper bool) *fleetResul
 	if wrapper {
 		r.name = e.wrapper
 	}
+	r.atOnce = openAtOnce(t, env.ctx, e, dsn, fleetPools*fleetWorkers)
+	r.recoverBound = fleetRecover // atOnce is logged beside it, not added
 	pools := make([]*scPool, fleetPools)
 	oks := make(map[*scPool]*atomic.Int64, fleetPools) // read-only once the load runs
 	for i := range pools {
@@ -285,14 +297,7 @@ func runFleet(t *testing.T, e scEngine, srv *scServer, wrapper bool) *fleetResul
 		t.Fatalf("start: %v", err)
 	}
 	r.startEnd = env.now()
-	select {
-	case r.up = <-upCh:
-	case <-time.After(95 * time.Second):
-		r.up = -1
-	}
-	if r.up < 0 || r.up > r.startEnd {
-		r.up = r.startEnd // Start returns only once a session could be opened
-	}
+	r.up, r.upConnect = awaitUp(upCh, r.startEnd)
 	env.sleepUntil(r.up + fleetAfterUp)
 	stop()
 	sampler.stop()
@@ -309,6 +314,9 @@ func runFleet(t *testing.T, e scEngine, srv *scServer, wrapper bool) *fleetResul
 			sum.Gate.Probes += s.Gate.Probes
 			sum.Gate.Waited += s.Gate.Waited
 			sum.Gate.FailedFast += s.Gate.FailedFast
+			sum.Gate.Held += s.Gate.Held
+			sum.Reap.Orphans += s.Reap.Orphans
+			sum.Reap.Reaped += s.Reap.Reaped
 			for c, n := range s.ConnectFailures {
 				sum.ConnectFailures[c] += n
 			}
@@ -319,8 +327,9 @@ func runFleet(t *testing.T, e scEngine, srv *scServer, wrapper bool) *fleetResul
 				failures = append(failures, fmt.Sprintf("%s %d", resilientpg.Class(c), n))
 			}
 		}
-		r.wrapperAccount = fmt.Sprintf("wrapper's own count over the run: %d connect attempts (failed: %s), %d connections opened, %d gate outages, %d probes, %d waited, %d failed fast",
-			sum.ConnectAttempts, strings.Join(failures, ", "), sum.ConnsOpened, sum.Gate.Outages, sum.Gate.Probes, sum.Gate.Waited, sum.Gate.FailedFast)
+		r.wrapperAccount = fmt.Sprintf("wrapper's own count over the run: %d connect attempts (failed: %s), %d connections opened, %d gate outages, %d probes, %d waited, %d failed fast, %d held for other pools, %d orphans (%d reaped)",
+			sum.ConnectAttempts, strings.Join(failures, ", "), sum.ConnsOpened, sum.Gate.Outages, sum.Gate.Probes, sum.Gate.Waited, sum.Gate.FailedFast, sum.Gate.Held,
+			sum.Reap.Orphans, sum.Reap.Reaped)
 	}
 	return r
 }

@@ -358,8 +358,9 @@ func (env *scEnv) haStopStart(pools []*scPool, stop func() error, outage time.Du
 	// it fronts accepts.
 	env.sleepUntil(max(scLoadRun, f.up+scAfterUp))
 	halt()
-	env.t.Logf("fault: stop %v..%v, start %v..%v, accepting again at %v",
-		fmtDur(f.stopBegin), fmtDur(f.stopEnd), fmtDur(f.startBegin), fmtDur(f.startEnd), fmtDur(f.up))
+	f.settleIn(pools, 0)
+	env.t.Logf("fault: stop %v..%v, start %v..%v, accepting again at %v (the first client seen to get in; the probe got through at %v)",
+		fmtDur(f.stopBegin), fmtDur(f.stopEnd), fmtDur(f.startBegin), fmtDur(f.startEnd), fmtDur(f.in), fmtDur(f.up))
 	return f
 }
 

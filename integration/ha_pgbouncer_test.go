@@ -100,8 +100,9 @@ func (env *scEnv) checkBouncerFault(name string, ps []*scPool, f scFault, srv *s
 			"%s: %d failed (in flight at the stop %d, killed in flight by the fault %d), %d that did not overlap the stop, %d that started after up: want <= %d (one per worker) besides those killed, 0, 0",
 			p.name, fs.failed, fs.inflight, killed, fs.failedOutside, fs.failedAfterUp, scLoadWorkers)
 		if f.outage {
-			g.check(t, fs.firstOK >= 0 && fs.firstOK-f.up <= scRecoverBound,
-				"%s: first success %v after up, want within %v", p.name, fs.firstOK-f.up, scRecoverBound)
+			g.check(t, fs.firstOK >= 0 && f.recoveryLag(fs.firstOK) <= scRecoverBound,
+				"%s: first success %v after the service accepted again at %v (the first client seen to get in), want within %v",
+				p.name, f.recoveryLag(fs.firstOK), fmtDur(f.in), scRecoverBound)
 			window := f.startBegin - f.stopBegin
 			allowed := scAllowedConnects(window)
 			g.check(t, fs.attempts <= allowed,

@@ -59,7 +59,7 @@ func TestHAStandbyCrashPromote(t *testing.T) {
 	env.sleepUntil(promoteEnd + scAfterUp)
 	halt()
 	t.Logf("crash %v..%v, promote %v..%v", fmtDur(crashBegin), fmtDur(crashEnd), fmtDur(promoteBegin), fmtDur(promoteEnd))
-	env.checkFailover("crash+promote", ps, r, crashBegin, crashEnd, promoteBegin)
+	env.checkFailover("crash+promote", ps, r, crashBegin, crashEnd, promoteBegin, promoteEnd)
 }
 
 // TestHAStandbySwitchover is a planned switchover under write load: stop
@@ -92,23 +92,40 @@ func TestHAStandbySwitchover(t *testing.T) {
 	if rec, err := r.Node(0).InRecovery(env.ctx); err != nil || !rec {
 		t.Fatalf("old primary after the rewind: in recovery %v, %v", rec, err)
 	}
-	env.checkFailover("switchover", ps, r, stopBegin, stopEnd, promoteBegin)
+	env.checkFailover("switchover", ps, r, stopBegin, stopEnd, promoteBegin, promoteEnd)
 }
 
 // checkFailover asserts the failover goals for the wrapper (ps[0]) and
 // logs both pools: only writes in flight when the old primary went may
 // fail; writes issued meanwhile wait and succeed; the first write after
-// the fault lands within 500 ms of the promotion (from pg_ctl promote
-// being issued, which takes about 0.1 s); every acknowledged write is on
-// the new primary exactly once, and none made after the promotion ran on
-// the old primary.
-func (env *scEnv) checkFailover(name string, ps []*scPool, r *faultlab.PGPair, begin, end, promoted time.Duration) {
+// the fault lands within 500 ms of the promotion taking effect; every
+// acknowledged write is on the new primary exactly once, and none made
+// after the promotion ran on the old primary.
+//
+// The promotion takes effect somewhere between pg_ctl promote being
+// issued (promoted) and its return (promotedEnd): 0.1 s on a fast
+// machine, up to 0.8 s on this project's 2-CPU VM. Its moment is taken as
+// the first write seen on the new primary, from any pool (the bare
+// driver dials thousands of times a second), or pg_ctl's return if that
+// came first.
+func (env *scEnv) checkFailover(name string, ps []*scPool, r *faultlab.PGPair, begin, end, promoted, promotedEnd time.Duration) {
 	t := env.t
 	oldPort, newPort := int64(r.Node(0).Port), int64(r.Node(1).Port)
-	for _, p := range ps {
-		s := haStatsOf(p, begin, end, end, end)
-		w := env.haCheckRows(p, r.Primary().DSN("test"))
-		s.firstOK = firstOn(p, w, newPort)
+	stats := make([]haStats, len(ps))
+	writes := make([]haWrites, len(ps))
+	took := promotedEnd // the promotion took effect
+	for i, p := range ps {
+		stats[i] = haStatsOf(p, begin, end, end, end)
+		writes[i] = env.haCheckRows(p, r.Primary().DSN("test"))
+		stats[i].firstOK = firstOn(p, writes[i], newPort)
+		if f := stats[i].firstOK; f >= 0 {
+			took = min(took, f)
+		}
+	}
+	t.Logf("%s: pg_ctl promote %v..%v; the promotion took effect by %v (the first write seen on the new primary, or pg_ctl's return)",
+		name, fmtDur(promoted), fmtDur(promotedEnd), fmtDur(took))
+	for i, p := range ps {
+		s, w := stats[i], writes[i]
 		late := 0 // acknowledged, started after the promotion, yet written by the old primary
 		for _, o := range p.rec.snapshot() {
 			if o.err == nil && o.start >= promoted && w.srv[o.val] == oldPort {
@@ -117,7 +134,7 @@ func (env *scEnv) checkFailover(name string, ps []*scPool, r *faultlab.PGPair, b
 		}
 		first := "none"
 		if s.firstOK >= 0 {
-			first = fmt.Sprintf("promotion+%v", (s.firstOK - promoted).Round(time.Millisecond))
+			first = fmt.Sprintf("promotion+%v (pg_ctl promote+%v)", (s.firstOK - took).Round(time.Millisecond), (s.firstOK - promoted).Round(time.Millisecond))
 		}
 		env.haLog(name, p, s, fmt.Sprintf("%s; first write on the new primary %s; acked after the promotion on the old primary %d", w, first, late))
 		if p.wrapper && s.failed > scLoadWorkers {
@@ -128,8 +145,8 @@ func (env *scEnv) checkFailover(name string, ps []*scPool, r *faultlab.PGPair, b
 			"%s: %d writes failed, want <= %d (one per worker, in flight when the primary went)", p.name, s.failed, scLoadWorkers)
 		g.check(t, s.failedOutside == 0,
 			"%s: %d writes failed that did not overlap the fault, want 0: they should have waited for the new primary", p.name, s.failedOutside)
-		g.check(t, s.firstOK >= 0 && s.firstOK-promoted <= haFirstWriteBound,
-			"%s: first write on the new primary %s, want within %v of the promotion", p.name, first, haFirstWriteBound)
+		g.check(t, s.firstOK >= 0 && s.firstOK-took <= haFirstWriteBound,
+			"%s: first write on the new primary %s, want within %v of the promotion taking effect", p.name, first, haFirstWriteBound)
 		g.check(t, w.dups == 0 && w.missing == 0 && late == 0,
 			"%s: %d duplicates, %d acknowledged writes missing, %d late writes on the old primary: want 0, 0, 0", p.name, w.dups, w.missing, late)
 		g.check(t, s.maxLat <= scOpTimeout, "%s: slowest write %v, want within its %v deadline", p.name, s.maxLat, scOpTimeout)

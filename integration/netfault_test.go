@@ -85,6 +85,7 @@ var nfScenarios = []nfScenario{
 	{name: "rst-after-idle-2s", run: nfResetIdle},
 	{name: "writes-rst-window-1s", run: nfWrites(false)},
 	{name: "writes-drop-window-1s", run: nfWrites(true)},
+	{name: "nat-drop-orphans-reaped", run: nfReapOrphans},
 }
 
 // nfEnv is a scenario environment whose server runs in a namespace.

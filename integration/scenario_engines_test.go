@@ -199,13 +199,24 @@ func (s *scServer) probeOnce(ctx context.Context) error {
 	return c.Close()
 }
 
+// upMark is when the session that showed the server back began, relative
+// to a t0, and how long it took to get in: at+connect is when it got in
+// (see scFault.settleIn).
+type upMark struct {
+	at      time.Duration // -1 if the server did not come back
+	connect time.Duration
+}
+
 // watchUp probes the server directly every 10 ms, from now until a probe
 // succeeds, and delivers the start of the first successful probe relative
-// to t0: the moment the server accepted sessions again, measured
-// independently of the pools (faultlab's Start returns a little later). It
-// delivers -1 if the server did not come back within 90 s or ctx ended.
-func (s *scServer) watchUp(ctx context.Context, t0 time.Time) <-chan time.Duration {
-	ch := make(chan time.Duration, 1)
+// to t0, measured independently of the pools (faultlab's Start returns a
+// little later), with the time that probe took to get in: a freshly
+// started server opens its first sessions slowly (each a forked process
+// that rebuilds the catalog cache), and no client can succeed sooner. It
+// delivers at -1 if the server did not come back within 90 s
+// or ctx ended.
+func (s *scServer) watchUp(ctx context.Context, t0 time.Time) <-chan upMark {
+	ch := make(chan upMark, 1)
 	go func() {
 		deadline := time.Now().Add(90 * time.Second)
 		for i := 0; i < 9000 && time.Now().Before(deadline) && ctx.Err() == nil; i++ {
@@ -214,14 +225,30 @@ func (s *scServer) watchUp(ctx context.Context, t0 time.Time) <-chan time.Durati
 			err := s.probeOnce(pctx)
 			cancel()
 			if err == nil {
-				ch <- at
+				ch <- upMark{at: at, connect: time.Since(t0) - at}
 				return
 			}
 			time.Sleep(10 * time.Millisecond)
 		}
-		ch <- -1
+		ch <- upMark{at: -1}
 	}()
 	return ch
+}
+
+// awaitUp waits for watchUp's mark (95 s at most) and returns when the
+// session that showed the server back began, and how long it took to get
+// in. A mark after startEnd, or none, gives startEnd: faultlab's Start
+// returns only once a session could be opened.
+func awaitUp(ch <-chan upMark, startEnd time.Duration) (at, connect time.Duration) {
+	m := upMark{at: -1}
+	select {
+	case m = <-ch:
+	case <-time.After(95 * time.Second):
+	}
+	if m.at < 0 || m.at > startEnd {
+		return startEnd, m.connect
+	}
+	return m.at, m.connect
 }
 
 // killAll ends every client session except the admin connection's own and
