@@ -55,5 +55,5 @@ func Example() {
 	// db.client.connection.count{db.client.connection.pool.name=orders,db.client.connection.state=used} 0 {connection}
 	// db.client.connection.max{db.client.connection.pool.name=orders} 10 {connection}
 	// resilientpg.connections.opened{db.client.connection.pool.name=orders} 1 {connection}
-	// 36 instruments
+	// 37 instruments
 }

@@ -22,7 +22,7 @@ import (
 var gauges = []string{"resilientpg_conns_open", "resilientpg_ping_max_seconds", "resilientpg_server_state",
 	"resilientpg_checked_out", "resilientpg_oldest_checkout_seconds", "resilientpg_reap_off"}
 
-const numFamilies = 34
+const numFamilies = 35
 
 // synthetic is killtest.Synthetic with values of their own in Reap too.
 func TestCollectorMapsEveryField(t *testing.T) {

@@ -67,5 +67,5 @@ func Example() {
 	// resilientpg_server_state{db_name="orders",state="down"} 0
 	// resilientpg_server_state{db_name="orders",state="suspect"} 0
 	// resilientpg_server_state{db_name="orders",state="up"} 1
-	// 34 resilientpg metrics
+	// 35 resilientpg metrics
 }
