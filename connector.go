@@ -38,6 +38,7 @@ type Connector struct {
 
 	gen    atomic.Uint64 // bumped by invalidate; a conn of an older one is discarded
 	lostAt atomic.Int64  // UnixNano of the last statement that lost its connection; see peekAfterIdle
+	endAt  atomic.Int64  // UnixNano of the last statement the server ended (shutdown, pg_terminate_backend); see lossPeekWindow
 	gate   *dialGate     // shared with the inner connector's dial hook, if it has one
 
 	stats  counters
@@ -123,8 +124,14 @@ func (c *Connector) invalidate(gen uint64, cause InvalidationCause) bool {
 // lost records that a statement lost its connection at now: the server may
 // be gone, so the next connect probes for the others, and for
 // lossPeekWindow checkout peeks at every connection, however briefly idle.
-func (c *Connector) lost(now time.Time) {
+// ended says the server ended the session itself (ClassShutdown): then,
+// under the idle ping policy, checkout pings every connection for
+// lossPeekWindow too (see lossPeekWindow).
+func (c *Connector) lost(now time.Time, ended bool) {
 	c.lostAt.Store(now.UnixNano())
+	if ended {
+		c.endAt.Store(now.UnixNano())
+	}
 	c.gate.suspect()
 }
 

@@ -4,9 +4,6 @@ import (
 	"context"
 	"database/sql/driver"
 	"errors"
-	"fmt"
-	"log/slog"
-	"net"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -169,6 +166,12 @@ func (c *Connector) Connect(ctx context.Context) (driver.Conn, error) {
 			// interval.
 			hedgeAt, most = g.probeAt, maxStartingProbes
 		}
+		if until := g.fleet.admittingUntil(now); hedgeAt.Before(until) {
+			// Another pool of this server just got in: this probe is slow
+			// because the server is letting the fleet in, one forked
+			// session after another, and a hedge would queue one more.
+			hedgeAt = until
+		}
 		due := !now.Before(g.notBefore)
 		// A probe waiting for its turn among the fleet is not hanging.
 		hedge := g.probing > 0 && g.probing < most && due && !now.Before(hedgeAt) && g.inTurn == 0
@@ -330,225 +333,4 @@ func (c *Connector) Connect(ctx context.Context) (driver.Conn, error) {
 		}
 		g.mu.Unlock()
 	}
-}
-
-// unavailable closes the gate on a pooler's answer that it has no server
-// (PgBouncer's server_login_retry): new connects wait for a probe whose
-// round trip gets through, instead of each getting the same refusal.
-func (g *dialGate) unavailable(err error) {
-	g.mu.Lock()
-	g.roundTrip = true
-	if g.state != gateDown {
-		g.close(err)
-	}
-	g.mu.Unlock()
-}
-
-// suspect is called when a pooled connection lost its server.
-func (g *dialGate) suspect() {
-	g.mu.Lock()
-	if g.state == gateOpen {
-		now := time.Now()
-		g.state = gateSuspect
-		g.suspectAt = now
-		g.notBefore = now // probe at once
-		g.suspectUntil.Store(now.Add(g.bo.max).UnixNano())
-	}
-	g.mu.Unlock()
-}
-
-// close marks the server down after a retryable dial failure: an outage
-// begins, dated from when a pooled connection first lost the server, if
-// one did. mu is held.
-func (g *dialGate) close(err error) {
-	now := time.Now()
-	g.since = now
-	if g.state == gateSuspect && !g.suspectAt.IsZero() {
-		g.since = g.suspectAt
-	}
-	g.state = gateDown
-	g.down.Store(true)
-	g.outProbes = 0
-	g.startingAt = time.Time{}
-	g.genAtClose = g.c.gen.Load()
-	g.bo.reset()
-	g.fail(err)
-	g.c.stats.outages.Add(1)
-	g.c.ev.emit(evServerDown, slog.LevelWarn, "resilientpg: server unreachable; connects wait for a probe",
-		errAttrs(err)...)
-}
-
-// fail records a failed dial and schedules the next probe. mu is held.
-func (g *dialGate) fail(err error) {
-	g.lastErr = err
-	if serverGone(err) {
-		g.restarted = true
-	}
-	now := time.Now()
-	g.lastFail = now
-	g.notBefore = now.Add(g.nextProbe(err))
-	if g.starting(now) {
-		// Paced from the newest probe's start, not from this rejection:
-		// see maxStartingProbes.
-		g.notBefore = g.probeAt.Add(jitterAround(g.interval))
-	}
-}
-
-// open marks the server up, after a probe that began to dial at start got
-// an answer. mu is held. An outage's downtime ends at the midpoint between
-// the last failed probe and the first that got through: the server came
-// back somewhere in that gap, so the error is at most half a backoff step.
-//
-// A probe that began before start and is still dialing hangs on something
-// the answered one did not (a proxy holding a connect to the server that
-// was away): it is called off, and its caller dials like anyone else. One
-// that began later dials a server that answers: it goes on, and its
-// connection serves its caller, rather than being thrown away half-made
-// and dialed again, which on a restarted server busy with a whole fleet's
-// connects would double the work in front of every pool's first success.
-func (g *dialGate) open(start time.Time) {
-	now := time.Now()
-	if g.state == gateDown {
-		end := g.lastFail.Add(now.Sub(g.lastFail) / 2)
-		down := end.Sub(g.since)
-		g.c.stats.downNanos.Add(int64(down))
-		g.c.ev.emit(evServerUp, slog.LevelInfo, "resilientpg: server reachable again",
-			slog.Duration("downtime", down), slog.Int64("probes", g.outProbes))
-	}
-	if g.state != gateOpen {
-		g.recoveredAt = now
-	}
-	g.wantDone()
-	g.state, g.restarted, g.roundTrip, g.lastErr, g.patience = gateOpen, false, false, nil, 0
-	g.startingAt = time.Time{}
-	for _, r := range g.running {
-		if r.start.Before(start) || r.start.After(now) {
-			r.stop() // hanging, or still waiting for its time: dial now instead
-		}
-	}
-	g.down.Store(false)
-	g.suspectUntil.Store(0)
-	g.bo.reset()
-}
-
-// sideDialsBlocked reports whether a dial that is not the wrapper's own
-// (ctx lacks connectKey), such as a pgx cancel request, should be skipped:
-// while the server is known down, or for one backoff cap after a pooled
-// connection lost its server, a cancel request for a connection the server
-// dropped cannot help and only adds to the storm on a restarting server.
-// The window is bounded so that a cancel for a live query, on another
-// connection, is not skipped for long.
-func (g *dialGate) sideDialsBlocked(ctx context.Context) bool {
-	if ctx.Value(connectKey{}) != nil {
-		return false
-	}
-	return g.down.Load() || time.Now().UnixNano() < g.suspectUntil.Load()
-}
-
-// dial makes one inner connection. With a source of credentials, a
-// connect the server refuses after using credentials that were not
-// fetched for it (a cached token or file, a call already running) is
-// tried once more with fresh ones: they may have been rotated since. The
-// refusal itself is an auth error, which never closes the gate.
-func (c *Connector) dial(ctx context.Context) (driver.Conn, dialed, error) {
-	if c.creds == nil {
-		return c.dialOnce(ctx, nil)
-	}
-	use := &credUse{}
-	ctx = context.WithValue(ctx, credKey{}, use)
-	conn, d, err := c.dialOnce(ctx, use)
-	if err != nil && use.reused && authRefused(err) && ctx.Err() == nil {
-		c.creds.refreshes.Add(1)
-		*use = credUse{stale: use.seq, force: true}
-		conn, d, err = c.dialOnce(ctx, use)
-	}
-	return conn, d, err
-}
-
-// dialOnce makes one connect attempt. For a driver whose connection hides
-// its socket (go-sql-driver/mysql), the dial hook hands the socket back
-// through ctx, so that checkout can peek at it; the credentials hook hands
-// back their expiry through use.
-func (c *Connector) dialOnce(ctx context.Context, use *credUse) (driver.Conn, dialed, error) {
-	c.gate.dials.Add(1)
-	var d dialed
-	if c.captureSock {
-		ctx = context.WithValue(ctx, sockKey{}, &d.sock)
-	}
-	start := time.Now()
-	d.start = start
-	conn, err := c.inner.Connect(ctx)
-	c.stats.connectNanos.Add(int64(time.Since(start)))
-	err = ownTimeout(ctx, err)
-	if err != nil {
-		class := Classify(err)
-		if isCredentialErr(err) {
-			class = ClassAuth // whatever the function's error wraps: no server was asked
-		}
-		c.stats.connectFailures[class].Add(1)
-		if c.ev.enabled(slog.LevelWarn) {
-			c.ev.emit(evConnectFailed, slog.LevelWarn, "resilientpg: connect failed", errAttrs(err)...)
-		}
-	}
-	if use != nil {
-		d.expires = use.expires
-	}
-	return conn, d, err
-}
-
-// sockKey carries a *net.Conn from dial to the inner driver's dial hook.
-type sockKey struct{}
-
-// captureDial wraps a dial function so that it hands its socket, seen
-// through a wireConn, to dialOnce.
-func captureDial(dial func(ctx context.Context, network, addr string) (net.Conn, error)) func(ctx context.Context, network, addr string) (net.Conn, error) {
-	return func(ctx context.Context, network, addr string) (net.Conn, error) {
-		nc, err := dial(ctx, network, addr)
-		if err != nil {
-			return nil, err
-		}
-		wc := newWireConn(nc)
-		if p, ok := ctx.Value(sockKey{}).(*net.Conn); ok {
-			*p = wc
-		}
-		return wc, nil
-	}
-}
-
-// stats is the gate's part of a Stats snapshot.
-func (g *dialGate) stats(k *counters) GateStats {
-	s := GateStats{Outages: k.outages.Load(), Probes: k.probes.Load(), Waited: k.waited.Load(),
-		FailedFast: k.failedFast.Load(), Held: k.fleetHeld.Load(), Downtime: time.Duration(k.downNanos.Load())}
-	g.mu.Lock()
-	switch g.state {
-	case gateSuspect:
-		s.State = ServerSuspect
-	case gateDown:
-		s.State = ServerDown
-		s.Downtime += time.Since(g.since)
-	}
-	g.mu.Unlock()
-	return s
-}
-
-// waitErr is the error of a caller whose context ended while the server
-// was down: both the context's error and the server's are in the chain.
-func (c *Connector) waitErr(ctx context.Context, attempts int) error {
-	c.gate.mu.Lock()
-	last, since := c.gate.lastErr, c.gate.since
-	c.gate.mu.Unlock()
-	if last == nil {
-		return context.Cause(ctx)
-	}
-	return &ServerDownError{Since: since, Attempts: attempts, Cause: context.Cause(ctx), Err: last}
-}
-
-// connectErr keeps driver.ErrBadConn out of Connect's result, as the
-// driver.Connector contract requires: database/sql would take it for a
-// failed pooled connection and retry.
-func connectErr(err error) error {
-	if errors.Is(err, driver.ErrBadConn) {
-		return fmt.Errorf("resilientpg: connect: %s", err.Error())
-	}
-	return err
 }

@@ -136,6 +136,22 @@ func (f *serverFleet) endExtra() {
 	f.mu.Unlock()
 }
 
+// admittingUntil returns until when the server counts as letting the
+// fleet in: for fleetWindow after a probe of some connector got in, unless
+// one has failed since. Zero when it does not.
+func (f *serverFleet) admittingUntil(now time.Time) time.Time {
+	if f == nil {
+		return time.Time{}
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	until := f.upAt.Add(fleetWindow)
+	if f.upAt.IsZero() || f.upAt.Before(f.downAt) || !now.Before(until) {
+		return time.Time{}
+	}
+	return until
+}
+
 // fleetHold is how long, at most, a connector whose gate is open should
 // hold a connect back because other connectors of its server still wait
 // for their first connection, and what to wait on: 0 when it should dial

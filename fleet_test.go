@@ -17,8 +17,9 @@ import (
 // after rtt. It records, per connector, when the first session got in and
 // when a second began.
 type fleetServer struct {
-	up  time.Time
-	rtt time.Duration
+	up   time.Time
+	rtt  time.Duration
+	busy time.Duration // once a session got in, the next take this instead of rtt
 
 	mu          sync.Mutex
 	downDials   int
@@ -46,8 +47,14 @@ func (m *fleetMember) Connect(ctx context.Context) (driver.Conn, error) {
 		s.secondBegan[m.id] = time.Now()
 		s.mu.Unlock()
 	}
+	rtt := s.rtt
+	s.mu.Lock()
+	if len(s.firstIn) > 0 && s.busy > 0 {
+		rtt = s.busy
+	}
+	s.mu.Unlock()
 	select {
-	case <-time.After(s.rtt):
+	case <-time.After(rtt):
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
@@ -62,12 +69,13 @@ func (m *fleetMember) Driver() driver.Driver { return nil }
 
 // fleetOutage runs n connectors of one server, callers each asking for a
 // connection from the moment the server is found refused, and returns
-// the server's record once every caller has its connection. shared says
+// the server's record once every caller has its connection. The first
+// session takes rtt to get in, the others busy (rtt if 0). shared says
 // whether the connectors share a serverFleet, as connectors of one
 // server in one process do.
-func fleetOutage(t *testing.T, n, callers int, shared bool) *fleetServer {
+func fleetOutage(t *testing.T, n, callers int, shared bool, rtt, busy time.Duration) *fleetServer {
 	start := time.Now()
-	s := &fleetServer{up: start.Add(time.Second), rtt: 50 * time.Millisecond,
+	s := &fleetServer{up: start.Add(time.Second), rtt: rtt, busy: busy,
 		firstIn: map[int]time.Time{}, secondBegan: map[int]time.Time{}}
 	f := &serverFleet{}
 	var wg sync.WaitGroup
@@ -102,7 +110,7 @@ func fleetOutage(t *testing.T, n, callers int, shared bool) *fleetServer {
 func TestFleetProbesInTurn(t *testing.T) {
 	for _, shared := range []bool{true, false} {
 		synctest.Test(t, func(t *testing.T) {
-			s := fleetOutage(t, 20, 2, shared)
+			s := fleetOutage(t, 20, 2, shared, 50*time.Millisecond, 0)
 			var last time.Duration
 			for _, in := range s.firstIn {
 				last = max(last, in.Sub(s.up))
@@ -127,9 +135,21 @@ func TestFleetProbesInTurn(t *testing.T) {
 // begins a second connection before every connector of the server has
 // its first, so that the last pool's first waits for one session per
 // pool, not for every pool's full demand.
+//
+// When, after the first, sessions take 400 ms to get in (a server letting
+// in a whole fleet, one forked process after another), longer than a
+// probe may dial before a hedge would start beside it, the probes are not
+// hedged: a hedge would be a second session of its pool, ahead of other
+// pools' first.
 func TestFleetFirstConnectionsFirst(t *testing.T) {
+	for _, busy := range []time.Duration{0, 400 * time.Millisecond} {
+		t.Run("busy="+busy.String(), func(t *testing.T) { testFleetFirstConnectionsFirst(t, busy) })
+	}
+}
+
+func testFleetFirstConnectionsFirst(t *testing.T, busy time.Duration) {
 	synctest.Test(t, func(t *testing.T) {
-		s := fleetOutage(t, 10, 3, true)
+		s := fleetOutage(t, 10, 3, true, 50*time.Millisecond, busy)
 		require.Len(t, s.firstIn, 10)
 		var lastFirst time.Time
 		for _, in := range s.firstIn {

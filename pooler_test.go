@@ -198,7 +198,7 @@ func TestPeekAfterLoss(t *testing.T) {
 			now := time.Now()
 			w.lastActive = now.Add(-tc.returnedAgo)
 			if tc.lostAgo != none {
-				c.lost(now.Add(-tc.lostAgo))
+				c.lost(now.Add(-tc.lostAgo), false)
 			}
 			err := w.ResetSession(context.Background())
 			if got := errors.Is(err, driver.ErrBadConn); got != tc.peeked {

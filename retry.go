@@ -155,7 +155,7 @@ func (c *conn) handleErr(ctx context.Context, err error, inTx bool) error {
 		c.c.invalidate(c.gen, cause)
 	case class == ClassConnLost || class == ClassShutdown:
 		c.bad.Store(true)
-		c.c.lost(time.Now())
+		c.c.lost(time.Now(), class == ClassShutdown)
 		if deadPathErr(err) {
 			c.deadPath.Store(true) // a TCP user timeout or keepalive: the server may not know
 		}

@@ -39,6 +39,19 @@ const peekAfterIdle = time.Millisecond
 // flight. A connection returned before the loss is pinged too (under the
 // default policy), since its end may not have reached its socket yet. The
 // peek is one non-blocking syscall; a pool that lost nothing pays nothing.
+//
+// When the server itself ended the session (a shutdown's or
+// pg_terminate_backend's 57P01: the two cannot be told apart), every
+// checkout in the window pings, even of a connection returned after the
+// loss: a fast shutdown signals every backend at once, but on a busy
+// machine each acts on it only when next scheduled, so a connection whose
+// socket is still clean at checkout may be ended a moment later, with the
+// statement sent to it. The ping's round trip waits for that backend to
+// run: it either answers, and the backend is not ending, or its farewell
+// discards the connection before any statement. Without it a worker
+// whose statement failed at the stop could lose its next one as well (a
+// planned switchover under 8 workers: 9 failed writes, not 8). The cost is
+// a round trip per checkout for one second after such an end.
 const lossPeekWindow = time.Second
 
 // ResetSession runs at every checkout of a used connection, cheapest check
@@ -56,9 +69,10 @@ const lossPeekWindow = time.Second
 //  3. closed or left inside a transaction (pgx), then the inner driver's
 //     reset (mysql: its own socket read);
 //  4. a round-trip ping if the policy says one is due (PingIdle: idle past
-//     PingIdle, or returned before a statement on another connection lost
-//     its server), bounded by the smaller of the caller's deadline and
-//     PingTimeout.
+//     PingIdle, returned before a statement on another connection lost
+//     its server, or within lossPeekWindow of the server ending a
+//     statement's session), bounded by the smaller of the caller's
+//     deadline and PingTimeout.
 //
 // If the caller's ctx ends, its error is returned and a healthy connection
 // is kept: database/sql then fails the caller's operation, not the conn.
@@ -91,7 +105,8 @@ func (c *conn) ResetSession(ctx context.Context) error {
 	// statement that fails was in flight and is lost.
 	lostAt := c.c.lostAt.Load()
 	afterLoss := c.lastActive.UnixNano() <= lostAt
-	ping := o.Ping == PingAlways || (o.Ping == PingIdle && (idle >= o.PingIdle || afterLoss))
+	ending := now.UnixNano()-c.c.endAt.Load() < int64(lossPeekWindow)
+	ping := o.Ping == PingAlways || (o.Ping == PingIdle && (idle >= o.PingIdle || afterLoss || ending))
 	if c.sock != nil && (idle >= peekAfterIdle || afterLoss || now.UnixNano()-lostAt < int64(lossPeekWindow)) {
 		switch st := c.sock.check(); st {
 		case sockClosed, sockFatal, sockDeadPath:

@@ -23,8 +23,9 @@ func opts(mod func(*Options)) Options {
 }
 
 var (
-	errBoom  = errors.New("boom")
-	errCrash = &pgconn.PgError{Severity: "FATAL", Code: "57P02"}
+	errBoom          = errors.New("boom")
+	errCrash         = &pgconn.PgError{Severity: "FATAL", Code: "57P02"}
+	errAdminShutdown = &pgconn.PgError{Severity: "FATAL", Code: "57P01", Message: "terminating connection due to administrator command"}
 )
 
 // TestResetSessionBranches walks every checkout branch in virtual time.
@@ -58,16 +59,35 @@ func TestResetSessionBranches(t *testing.T) {
 		{name: "never pings", opts: func(o *Options) { o.Ping = PingNever }, idle: 20 * time.Minute,
 			want: want{innerRsts: 1, valid: true}},
 		{name: "returned before another lost its server: ping", idle: 10 * time.Millisecond,
-			setup: func(_ *fakeConn, c *conn) { c.c.lost(c.lastActive) },
+			setup: func(_ *fakeConn, c *conn) { c.c.lost(c.lastActive, false) },
 			want:  want{pings: 1, innerRsts: 1, valid: true}},
 		{name: "returned before a loss, ping dead: discard before any statement", idle: 10 * time.Millisecond,
 			setup: func(f *fakeConn, c *conn) {
-				c.c.lost(c.lastActive)
+				c.c.lost(c.lastActive, false)
 				f.pingErr = func(context.Context) error { return io.EOF }
 			},
 			want: want{err: io.EOF, badConn: true, pings: 1, innerRsts: 1}},
 		{name: "returned before a loss, policy never: no ping", opts: func(o *Options) { o.Ping = PingNever }, idle: 10 * time.Millisecond,
-			setup: func(_ *fakeConn, c *conn) { c.c.lost(c.lastActive) },
+			setup: func(_ *fakeConn, c *conn) { c.c.lost(c.lastActive, false) },
+			want:  want{innerRsts: 1, valid: true}},
+		{name: "returned after a lost connection: no ping", idle: 10 * time.Millisecond,
+			setup: func(_ *fakeConn, c *conn) { c.c.lost(c.lastActive.Add(-time.Millisecond), false) },
+			want:  want{innerRsts: 1, valid: true}},
+		{name: "returned after the server ended a session: ping", idle: 10 * time.Millisecond,
+			setup: func(_ *fakeConn, c *conn) { c.c.lost(c.lastActive.Add(-time.Millisecond), true) },
+			want:  want{pings: 1, innerRsts: 1, valid: true}},
+		{name: "server ended a session, ping sees the farewell: discard before any statement", idle: 10 * time.Millisecond,
+			setup: func(f *fakeConn, c *conn) {
+				c.c.lost(c.lastActive.Add(-time.Millisecond), true)
+				f.pingErr = func(context.Context) error { return errAdminShutdown }
+			},
+			want: want{err: errAdminShutdown, badConn: true, pings: 1, innerRsts: 1}},
+		{name: "server ended a session over lossPeekWindow ago: no ping", idle: 1001 * time.Millisecond,
+			opts:  func(o *Options) { o.PingIdle = 2 * time.Second },
+			setup: func(_ *fakeConn, c *conn) { c.c.lost(c.lastActive.Add(-time.Millisecond), true) },
+			want:  want{innerRsts: 1, valid: true}},
+		{name: "server ended a session, policy never: no ping", opts: func(o *Options) { o.Ping = PingNever }, idle: 10 * time.Millisecond,
+			setup: func(_ *fakeConn, c *conn) { c.c.lost(c.lastActive.Add(-time.Millisecond), true) },
 			want:  want{innerRsts: 1, valid: true}},
 		{name: "past max age: discard without ping", opts: func(o *Options) { o.MaxAge = time.Minute },
 			idle: time.Minute, want: want{err: ErrMaxAge, badConn: true}},
@@ -139,6 +159,40 @@ func TestResetSessionBranches(t *testing.T) {
 				}
 				if got := w.IsValid(); got != tc.want.valid {
 					t.Errorf("IsValid = %v, want %v", got, tc.want.valid)
+				}
+			})
+		})
+	}
+}
+
+// TestServerEndedStatementPingsOthers: a statement whose session the
+// server ended (57P01) makes the next checkout of another connection, used
+// after that loss, ping; a statement that lost its connection otherwise
+// (EOF) leaves such a connection to the peek alone.
+func TestServerEndedStatementPingsOthers(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		err   error
+		pings int64
+	}{
+		{"ended by the server", errAdminShutdown, 1},
+		{"connection lost", io.ErrUnexpectedEOF, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				c, f := newFakeConnector(shapePgx, opts(nil))
+				a, _ := connect(c, f)
+				b, fb := connect(c, f)
+				time.Sleep(10 * time.Millisecond)
+				a.handleErr(context.Background(), tc.err, false)
+				time.Sleep(time.Millisecond)
+				b.lastActive = time.Now() // b served a statement after the loss
+				time.Sleep(10 * time.Millisecond)
+				if err := b.ResetSession(context.Background()); err != nil {
+					t.Fatalf("ResetSession = %v", err)
+				}
+				if got := fb.pings.Load(); got != tc.pings {
+					t.Errorf("pings = %d, want %d", got, tc.pings)
 				}
 			})
 		})

@@ -149,7 +149,10 @@ func TestPgBouncerLoginRetry(t *testing.T) {
 			return err
 		}
 		srv.killAll(env.ctx, t)
-		return nil
+		// PostgreSQL no longer lists the backends, but PgBouncer may not
+		// have read their FATAL yet and can still hand a statement to one
+		// of them: the fault ends when PgBouncer has let them go.
+		return awaitBouncerServersGone(env.ctx, b)
 	}
 	allow := func(ctx context.Context) error { return srv.pg.Exec(ctx, "ALTER DATABASE test ALLOW_CONNECTIONS true") }
 	// Up is when a query through PgBouncer works again, server_login_retry
@@ -301,4 +304,32 @@ func TestPgBouncerQueryModes(t *testing.T) {
 			}
 		})
 	}
+}
+
+// awaitBouncerServersGone polls (100 times, 20 ms apart, or until ctx ends)
+// until PgBouncer holds no server connection that was logged in: only
+// logins in progress ("new") may remain, which the refusal fails.
+func awaitBouncerServersGone(ctx context.Context, b *faultlab.PgBouncer) error {
+	var left int
+	for range 100 {
+		rows, err := b.Show(ctx, "SERVERS")
+		if err != nil {
+			return err
+		}
+		left = 0
+		for _, r := range rows {
+			if r["state"] != "new" {
+				left++
+			}
+		}
+		if left == 0 {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return context.Cause(ctx)
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	return fmt.Errorf("PgBouncer still holds %d server connections 2 s after their backends were terminated", left)
 }

@@ -43,6 +43,9 @@ var servers struct {
 
 func TestMain(m *testing.M) {
 	code := m.Run()
+	if !reportRecoveries() && code == 0 {
+		code = 1
+	}
 	if servers.pg != nil {
 		servers.pg.Close()
 	}
