@@ -36,6 +36,12 @@ type scEnv struct {
 	ctx   context.Context // bounds the whole scenario
 	t0    time.Time       // operation times are relative to this
 	pools []*scPool
+	// quiet, when set, is shared by scenarios running at once: burst and
+	// load hold it shared while they run, and a timed section (timed)
+	// holds it alone, so that it times the pools under test and not the
+	// other scenarios' load on the same CPUs.
+	quiet  *sync.RWMutex
+	timing bool // in timed: burst holds quiet already
 }
 
 func newScEnv(t *testing.T, e scEngine) *scEnv {
@@ -138,9 +144,37 @@ func (env *scEnv) do(p *scPool, op scOpFunc) {
 	p.rec.add(scOp{start: start, end: end, val: v, err: err})
 }
 
+// busy marks a phase that loads the machine, for the scenarios running
+// beside this one (see scEnv.quiet); the returned function ends it.
+func (env *scEnv) busy() (done func()) {
+	if env.quiet == nil || env.timing {
+		return func() {}
+	}
+	env.quiet.RLock()
+	return sync.OnceFunc(env.quiet.RUnlock)
+}
+
+// timed runs f with no other scenario's burst or load running (see
+// scEnv.quiet), and returns how long it waited for them to end.
+func (env *scEnv) timed(f func()) (waited time.Duration) {
+	if env.quiet == nil {
+		f()
+		return 0
+	}
+	start := time.Now()
+	env.quiet.Lock()
+	defer env.quiet.Unlock()
+	waited = time.Since(start)
+	env.timing = true
+	defer func() { env.timing = false }()
+	f()
+	return waited
+}
+
 // burst runs n operations at concurrency c on every pool at once.
 func (env *scEnv) burst(pools []*scPool, n, c int, op scOpFunc) {
 	env.t.Helper()
+	defer env.busy()()
 	var wg sync.WaitGroup
 	for _, p := range pools {
 		var next atomic.Int64
@@ -166,6 +200,7 @@ func (env *scEnv) load(pools []*scPool, workers, maxOps int, op scOpFunc) (stop 
 // loadPaced is load with each worker pausing between its operations.
 func (env *scEnv) loadPaced(pools []*scPool, workers, maxOps int, op scOpFunc, pause time.Duration) (stop func()) {
 	env.t.Helper()
+	done := env.busy()
 	stopCh := make(chan struct{})
 	var wg sync.WaitGroup
 	for _, p := range pools {
@@ -189,6 +224,7 @@ func (env *scEnv) loadPaced(pools []*scPool, workers, maxOps int, op scOpFunc, p
 	stop = func() {
 		once.Do(func() {
 			close(stopCh)
+			defer done()
 			env.await(&wg, scOpTimeout+10*time.Second)
 		})
 	}
