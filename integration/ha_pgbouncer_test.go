@@ -46,15 +46,19 @@ func startBouncer(t *testing.T, mode string, settings map[string]string) (*scSer
 // count is its pool's connects.
 func (env *scEnv) bouncerPools(b *faultlab.PgBouncer, params string) []*scPool {
 	env.t.Helper()
-	var ps []*scPool
-	for _, d := range []struct {
-		name    string
-		wrapper bool
-	}{{env.e.wrapper, true}, {env.e.bare, false}} {
-		pr := env.newProxy(b.Addr())
-		ps = append(ps, env.openPool(d.name, d.wrapper, pr, fmt.Sprintf("postgres://postgres@%s/test?sslmode=disable&%s", pr.Addr(), params)))
+	return []*scPool{env.bouncerPool(b, params, true), env.bouncerPool(b, params, false)}
+}
+
+// bouncerPool opens the wrapper's pool, or the bare driver's, through a
+// faultlab proxy of its own to PgBouncer.
+func (env *scEnv) bouncerPool(b *faultlab.PgBouncer, params string, wrapper bool) *scPool {
+	env.t.Helper()
+	name := env.e.bare
+	if wrapper {
+		name = env.e.wrapper
 	}
-	return ps
+	pr := env.newProxy(b.Addr())
+	return env.openPool(name, wrapper, pr, fmt.Sprintf("postgres://postgres@%s/test?sslmode=disable&%s", pr.Addr(), params))
 }
 
 // bouncerProbe opens a fresh session through PgBouncer and runs a query,
@@ -183,13 +187,31 @@ func adminShutdown(err error) bool {
 // TestPgBouncerRestart stops PgBouncer with SIGTERM under write load and
 // starts it again 1 s later: in-flight queries get EOF, the rest must
 // wait as for any outage.
+//
+// The wrapper's pool and the bare one meet the fault one after the other,
+// each with a PgBouncer of its own, not side by side as in the other
+// tests: while PgBouncer is down the bare pool dials about 3,000 times a
+// second through the in-process proxies, which then pass PgBouncer's
+// close on to the wrapper's connections late (31 ms once). A statement
+// the wrapper sent into that gap, after PgBouncer had exited but before
+// anything of it could reach the wrapper's sockets, failed as "outside
+// the stop": 4 of 57 runs side by side, 0 of 30 with the wrapper's pool
+// alone. The checks are the same.
 func TestPgBouncerRestart(t *testing.T) {
-	srv, b := startBouncer(t, "transaction", nil)
-	env := newHAEnv(t, haPG)
-	ps := env.bouncerPools(b, haTxMode)
-	env.warm(ps, "SELECT 1")
-	f := env.haStopStart(ps, func() error { return b.Stop(faultlab.StopFast) }, time.Second, b.Start, bouncerProbe(b), env.haInsert)
-	env.checkBouncerFault("pgbouncer SIGTERM, started 1s later", ps, f, srv, nil)
+	for _, wrapper := range []bool{true, false} {
+		name := "bare"
+		if wrapper {
+			name = "wrapper"
+		}
+		t.Run(name, func(t *testing.T) {
+			srv, b := startBouncer(t, "transaction", nil)
+			env := newHAEnv(t, haPG)
+			ps := []*scPool{env.bouncerPool(b, haTxMode, wrapper)}
+			env.warm(ps, "SELECT 1")
+			f := env.haStopStart(ps, func() error { return b.Stop(faultlab.StopFast) }, time.Second, b.Start, bouncerProbe(b), env.haInsert)
+			env.checkBouncerFault("pgbouncer SIGTERM, started 1s later", ps, f, srv, nil)
+		})
+	}
 }
 
 // TestPgBouncerPause pauses PgBouncer for 2 s under load: queries wait and
