@@ -195,7 +195,7 @@ func adminShutdown(err error) bool {
 // close on to the wrapper's connections late (31 ms once). A statement
 // the wrapper sent into that gap, after PgBouncer had exited but before
 // anything of it could reach the wrapper's sockets, failed as "outside
-// the stop": 4 of 57 runs side by side, 0 of 30 with the wrapper's pool
+// the stop": 4 of 57 runs side by side, 0 of 40 with the wrapper's pool
 // alone. The checks are the same.
 func TestPgBouncerRestart(t *testing.T) {
 	for _, wrapper := range []bool{true, false} {
